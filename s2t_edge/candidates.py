@@ -26,7 +26,12 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     else:
         ids = np.arange(logits.shape[0])
     if ids.shape[0] > k:
-        ids = ids[np.argpartition(logits[ids], ids.shape[0] - k)[ids.shape[0] - k :]]
+        # argpartition would cut ties at the k-th value arbitrarily: keep everything above it,
+        # then the lowest tied ids (`ids` is ascending).
+        vals = logits[ids]
+        kth = np.partition(vals, vals.shape[0] - k)[vals.shape[0] - k]
+        above = ids[vals > kth]
+        ids = np.concatenate([above, ids[vals == kth][: k - above.shape[0]]])
     return ids[np.lexsort((ids, -logits[ids]))]
 
 

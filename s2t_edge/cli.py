@@ -29,8 +29,14 @@ def main() -> None:
 
 def _register() -> None:
     from s2t_edge.cli_models import models
+    from s2t_edge.cli_run import chat, generate
 
     main.add_command(models)
+    main.add_command(generate)
+    main.add_command(chat)
 
 
 _register()
+
+if __name__ == "__main__":
+    main()

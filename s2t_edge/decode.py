@@ -24,6 +24,7 @@ class DecodeStats:
     model_s: float = 0.0
     ours_s: float = 0.0
     finish_reason: str = ""  # "stop" (end-of-turn token), "length" (max tokens or context full)
+    stop_token: int | None = None  # the end-of-turn token that ended it (not yielded)
 
     @property
     def tokens_per_s(self) -> float:
@@ -84,6 +85,7 @@ def decode(
         stats.flips += flipped
         if engine.is_eog(token):
             stats.finish_reason = "stop"
+            stats.stop_token = token
             stats.ours_s += time.perf_counter() - t1
             return
         context.append(token)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ _backend_ready = False
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """Drop llama.cpp's chatter; errors reach the user through our own messages."""
     if os.environ.get("S2T_EDGE_LLAMA_LOG"):
-        print(text.decode("utf-8", "replace"), end="", file=__import__("sys").stderr)
+        print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
 
 
 def _init_backend() -> None:
@@ -198,9 +199,10 @@ class Engine:
                 break
             common += 1
         common = min(common, len(tokens) - 1)  # decode at least one token to get its logits
-        if common < len(self.tokens):
-            llama_cpp.llama_memory_seq_rm(self._mem, 0, common, -1)
-            del self.tokens[common:]
+        # Trim even when `self.tokens` is all common: a decode interrupted by Ctrl-C after
+        # llama_decode but before `self.tokens` was updated leaves extra cells in the cache.
+        llama_cpp.llama_memory_seq_rm(self._mem, 0, common, -1)
+        del self.tokens[common:]
         return self.prefill(tokens[common:])
 
     def _set_embeddings(self, on: bool) -> None:
@@ -261,7 +263,9 @@ class Engine:
         return self.logits()
 
     def logits(self, i: int = -1) -> np.ndarray:
-        """Zero-copy view of output row `i` of the last decode (valid until the next decode)."""
+        """Zero-copy view of the logits of batch token `i` of the last decode (-1: the last output).
+
+        Valid until the next decode."""
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
         if not ptr:
             raise S2TError("no logits for this position (was it marked as an output?)")
@@ -281,11 +285,9 @@ class Engine:
             outs = [start + i >= first_output for i in range(len(chunk))]
             self._decode(chunk, start, outs)
             self.tokens.extend(chunk)
-            row = 0
             for i, out in enumerate(outs):
                 if out:
-                    yield start + i, self.logits(row)
-                    row += 1
+                    yield start + i, self.logits(i)  # indexed by position in the batch
 
     # ---- several sequences (parallel sampling) ---------------------------------------------
 

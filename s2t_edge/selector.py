@@ -40,14 +40,17 @@ class Sample:
         self.rng = np.random.default_rng(seed)
 
     def select(self, step: Step) -> int:
-        return sample_token(step.cands.ids, step.cands.logits, self, self.rng)
+        c = step.cands
+        return sample_token(c.ids, c.logits, self.temperature, self.top_p, self.top_k, self.rng)
 
 
-def sample_token(ids: np.ndarray, logits: np.ndarray, s: Sample, rng: np.random.Generator) -> int:
+def sample_token(ids: np.ndarray, logits: np.ndarray, temperature: float, top_p: float, top_k: int,
+                 rng: np.random.Generator) -> int:
     """Sample from logits sorted best first, keeping top-k then the smallest top-p nucleus."""
-    z = logits[: s.top_k].astype(np.float64) / s.temperature
+    z = logits[:top_k].astype(np.float64) / temperature
     p = np.exp(z - z[0])
     p /= p.sum()
-    keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
+    # min(): with top_p=1 rounding can leave cumsum[-1] < 1 and searchsorted past the end
+    keep = min(int(np.searchsorted(np.cumsum(p), top_p) + 1), p.shape[0])
     p = p[:keep] / p[:keep].sum()
     return int(ids[rng.choice(keep, p=p)])

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import OTHER_VOCAB_EXTRA_TOKENS, TEACHER_KW
-from tests.tiny_gguf import QWEN_CHAT_TEMPLATE, TINY_VOCAB_SIZE, tiny_vocab_size, write_tiny_gguf
+from tests.tiny_gguf import (
+    DEFAULT_WORDS,
+    QWEN_CHAT_TEMPLATE,
+    TINY_VOCAB_SIZE,
+    tiny_vocab_size,
+    write_tiny_gguf,
+)
 
 TEXT = "Hello world 12+3=15"
 
@@ -63,8 +69,9 @@ def test_tokenizer_round_trip(tiny_gguf, text):
 
 def test_merges_and_special_tokens(tiny_gguf):
     llm = load(tiny_gguf, vocab_only=True)
-    # " the" is one merged token; digits are split one by one by the qwen2 pre-tokenizer.
-    assert len(llm.tokenize(b" the", add_bos=False)) == 1
+    # Every default word is one merged token; digits are split one by one (qwen2 pre-tokenizer).
+    for word in DEFAULT_WORDS:
+        assert len(llm.tokenize(word.encode(), add_bos=False)) == 1, word
     assert len(llm.tokenize(b"12345", add_bos=False)) == 5
     im_start, im_end = llm.tokenize(b"<|im_start|><|im_end|>", add_bos=False, special=True)
     assert llm.token_eos() == im_end
@@ -101,4 +108,3 @@ def test_embeddings_pooling_none(tiny_gguf):
     n_tokens = len(llm.tokenize(TEXT.encode(), add_bos=False))
     assert np.asarray(rows).shape == (n_tokens, llm.n_embd()) == (n_tokens, 64)
     assert np.isfinite(rows).all()
-

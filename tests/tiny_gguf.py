@@ -16,6 +16,7 @@ Use :func:`tiny_vocab_size` (or ``TINY_VOCAB_SIZE`` for the defaults) to know th
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import gguf
@@ -42,6 +43,7 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 # Plain-text words that become merged BPE tokens (a leading space is spelled "Ġ").
+# fmt: off
 DEFAULT_WORDS: tuple[str, ...] = (
     " the", " and", " to", " of", " a", " in", " is", " it", " that", " for",
     " you", " with", " on", " as", " are", " this", " be", " at", " or", " not",
@@ -49,8 +51,9 @@ DEFAULT_WORDS: tuple[str, ...] = (
     "Hello", " Hello", " world", " hello", " answer", " question", " think",
     " step", " Let", " The", " So", " We", " number", " equals", " plus", " minus",
     " times", " yes", " no", " True", " False",
-    "system", "user", "assistant", "\n\n", ".\n", ": ", ", ", "  ", "    ",
+    "system", "user", "assistant", "\n\n", ".\n", " =", " +", "  ", "    ",
 )
+# fmt: on
 
 
 @lru_cache(maxsize=1)
@@ -76,29 +79,41 @@ def _byte_level(text: str) -> str:
     return "".join(table[b] for b in text.encode("utf-8"))
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Split ``word`` with GPT-2 BPE: repeatedly apply the lowest-ranked merge."""
+    parts = list(word)
+    while len(parts) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(pairwise(parts))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 def build_vocab(
     vocab: list[str] | None = None, extra_tokens: int = 0, eos: str = "<|im_end|>"
 ) -> tuple[list[str], list[int], list[str]]:
     """Return ``(tokens, token_types, merges)`` for the tiny byte-level BPE tokenizer.
 
-    ``vocab`` lists plain-text words; each one is merged left to right ("Ġ t", "Ġt h",
-    "Ġth e", ...) so every merge result is itself a token.
+    ``vocab`` lists plain-text words. Each word is first split by the merges so far, then
+    its pieces are merged left to right, so every word (taken alone) becomes one token.
     """
     table = _byte_to_unicode()
     tokens = [table[b] for b in range(256)]
     types = [int(gguf.TokenType.NORMAL)] * 256
     seen = set(tokens)
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in DEFAULT_WORDS if vocab is None else vocab:
-        sym = _byte_level(word)
-        for i in range(1, len(sym)):
-            left, right = sym[:i], sym[i]
-            if sym[: i + 1] in seen:
-                continue
-            merges.append(f"{left} {right}")
-            tokens.append(left + right)
-            types.append(int(gguf.TokenType.NORMAL))
-            seen.add(left + right)
+        pieces = _bpe(_byte_level(word), ranks)
+        for right in pieces[1:]:
+            ranks.setdefault((pieces[0], right), len(ranks))
+            pieces[0] += right
+            if pieces[0] not in seen:
+                tokens.append(pieces[0])
+                types.append(int(gguf.TokenType.NORMAL))
+                seen.add(pieces[0])
+    merges = [f"{a} {b}" for a, b in ranks]  # dicts keep insertion (= rank) order
     for i in range(extra_tokens):
         tokens.append(f"<|extra_{i}|>")
         types.append(int(gguf.TokenType.UNUSED))
@@ -151,20 +166,22 @@ def write_tiny_gguf(
     # is a numpy (n_out, n_in) matrix.
     tensors: dict[str, np.ndarray] = {"token_embd.weight": normal(n_vocab, n_embd)}
     for i in range(n_layer):
-        tensors.update({
-            f"blk.{i}.attn_norm.weight": ones(n_embd),
-            f"blk.{i}.attn_q.weight": normal(n_embd, n_embd),
-            f"blk.{i}.attn_q.bias": normal(n_embd),
-            f"blk.{i}.attn_k.weight": normal(n_embd_kv, n_embd),
-            f"blk.{i}.attn_k.bias": normal(n_embd_kv),
-            f"blk.{i}.attn_v.weight": normal(n_embd_kv, n_embd),
-            f"blk.{i}.attn_v.bias": normal(n_embd_kv),
-            f"blk.{i}.attn_output.weight": normal(n_embd, n_embd),
-            f"blk.{i}.ffn_norm.weight": ones(n_embd),
-            f"blk.{i}.ffn_gate.weight": normal(n_ff, n_embd),
-            f"blk.{i}.ffn_up.weight": normal(n_ff, n_embd),
-            f"blk.{i}.ffn_down.weight": normal(n_embd, n_ff),
-        })
+        tensors.update(
+            {
+                f"blk.{i}.attn_norm.weight": ones(n_embd),
+                f"blk.{i}.attn_q.weight": normal(n_embd, n_embd),
+                f"blk.{i}.attn_q.bias": normal(n_embd),
+                f"blk.{i}.attn_k.weight": normal(n_embd_kv, n_embd),
+                f"blk.{i}.attn_k.bias": normal(n_embd_kv),
+                f"blk.{i}.attn_v.weight": normal(n_embd_kv, n_embd),
+                f"blk.{i}.attn_v.bias": normal(n_embd_kv),
+                f"blk.{i}.attn_output.weight": normal(n_embd, n_embd),
+                f"blk.{i}.ffn_norm.weight": ones(n_embd),
+                f"blk.{i}.ffn_gate.weight": normal(n_ff, n_embd),
+                f"blk.{i}.ffn_up.weight": normal(n_ff, n_embd),
+                f"blk.{i}.ffn_down.weight": normal(n_embd, n_ff),
+            }
+        )
     tensors["output_norm.weight"] = ones(n_embd)
     # The final hidden state is RMS-normalised (unit scale), so std 1/sqrt(n_embd) gives
     # logits of roughly unit spread: a peaked-but-not-degenerate softmax.

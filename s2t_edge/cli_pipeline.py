@@ -1,0 +1,145 @@
+"""CLI for the S2T pipeline: collect → analyze → train → export → bundle inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from s2t_edge.errors import S2TError
+
+
+def _need_training_extra():
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise S2TError("this command needs the training extra: pip install torch==2.13.0 && "
+                       "pip install 's2t-edge[train]'") from e
+
+
+@click.command()
+@click.option("--slm", default=None, help="SLM registry name or .gguf path (default: the default SLM).")
+@click.option("--teacher", default=None, help="Teacher registry name or .gguf path (default: the registry's teacher).")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="JSONL problems (GSM8K format).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Groups directory (resumable).")
+@click.option("--limit", type=int, default=None, help="First N problems only.")
+@click.option("--k", type=click.IntRange(1, 32), default=16, show_default=True)
+@click.option("--mode", type=click.Choice(["greedy", "s2t"]), default="greedy", show_default=True,
+              help="SLM greedy trajectories, or on-policy S2T (teacher selects at every step).")
+@click.option("--max-tokens", type=int, default=400, show_default=True)
+@click.option("--ctx", type=int, default=4096, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--gpu-layers", type=int, default=0)
+@click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines (counted) instead of failing.")
+def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, gpu_layers, skip_bad):
+    """Label SLM top-K candidate groups with a teacher's scores."""
+    from s2t_edge.collect import collect as run
+    from s2t_edge.store import resolve_model
+
+    m = run(resolve_model(slm), resolve_model(teacher, role="teacher"), data, out, limit=limit, k=k, mode=mode,
+            max_tokens=max_tokens, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, skip_bad=skip_bad)
+    click.echo(f"{m['problems']} problems, {m['positions']} positions, SLM accuracy "
+               f"{m['correct'] / max(m['problems'], 1):.1%} → {out}")
+
+
+@click.group()
+def analyze():
+    """Analyses of collected groups."""
+
+
+@analyze.command()
+@click.argument("groups", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the hit@K curve as a PNG.")
+def coverage(groups, as_json, plot):
+    """Local sufficiency: divergence rate and hit@K of the teacher's top-1 in the SLM's top-K."""
+    from s2t_edge.analyze import coverage as cov
+    from s2t_edge.analyze import format_coverage, plot_coverage
+
+    r = cov(groups)
+    click.echo(json.dumps(r, indent=2) if as_json else format_coverage(r))
+    if plot:
+        plot_coverage(r, plot)
+        click.echo(f"plot → {plot}", err=True)
+
+
+@click.command()
+@click.option("--groups", required=True, type=click.Path(path_type=Path), help="Groups from `s2t-edge collect`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
+@click.option("--slm", default=None, help="The SLM the groups came from (for its output embedding).")
+@click.option("--k", type=click.IntRange(2, 32), default=8, show_default=True)
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--rank", type=int, default=32, show_default=True)
+@click.option("--width", type=int, default=64, show_default=True)
+@click.option("--no-hidden", is_flag=True, help="Ablation: no hidden-state features.")
+@click.option("--no-tokens", is_flag=True, help="Ablation: no candidate token identity.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, seed, as_json):
+    """Distill the teacher's selection into the tiny reranker."""
+    _need_training_extra()
+    from s2t_edge.store import resolve_model
+    from s2t_edge.train.train import TrainConfig
+    from s2t_edge.train.train import train as run
+
+    cfg = TrainConfig(k=k, epochs=epochs, rank=rank, width=width, use_hidden=not no_hidden,
+                      use_tokens=not no_tokens, seed=seed)
+    r = run(groups, out, resolve_model(slm), cfg)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    t = r["test"]
+    click.echo(f"held-out ({r['problems']['test']} problems, {t['positions']} positions): "
+               f"agreement {t['agreement']:.4f} vs greedy {t['greedy_agreement']:.4f}; "
+               f"hit@1 at divergence {t['hit1_at_divergence']:.3f}; false flips {t['false_flip_rate']:.4f}; "
+               f"trigger P/R {t['trigger_precision'] or 0:.2f}/{t['trigger_recall'] or 0:.2f} at threshold {r['threshold']:.3f}")
+    click.echo(f"checkpoint → {out / 'reranker.pt'}")
+
+
+@click.command()
+@click.option("--slm", default=None, help="SLM registry name or .gguf path.")
+@click.option("--reranker", required=True, type=click.Path(path_type=Path), help="reranker.pt from `s2t-edge train`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("--archive", is_flag=True, help="Also write OUT.tar, one file to copy around.")
+@click.option("--quantize", type=click.Choice(["Q4_K_M", "Q8_0"]), default=None,
+              help="Requantize a higher-precision GGUF through llama.cpp first.")
+@click.option("--no-gguf", is_flag=True, help="Leave the GGUF out (it comes from `s2t-edge models pull`).")
+def export(slm, reranker, out, archive, quantize, no_gguf):
+    """Write an S2T-LOCAL bundle: GGUF + verified ONNX reranker + bundle.json."""
+    _need_training_extra()
+    from s2t_edge.export.bundle_writer import export_bundle
+    from s2t_edge.store import load_registry, resolve_model
+
+    path = resolve_model(slm)
+    name = next((n for n, e in load_registry().items() if e.file == path.name), None)
+    click.echo(f"bundle → {export_bundle(path, reranker, out, archive=archive, quantize=quantize, include_gguf=not no_gguf, slm_name=name)}")
+
+
+@click.group()
+def bundle():
+    """Inspect S2T-LOCAL bundles."""
+
+
+@bundle.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(path, as_json):
+    """Verify a bundle (folder or .tar) and print its manifest."""
+    from s2t_edge.bundle import load_bundle
+
+    b = load_bundle(path)
+    m = b.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    t = m.get("training", {}).get("test", {})
+    click.echo(f"bundle {path} (format {m['format_version']}, features v{m['feature_version']}) — verified\n"
+               f"  SLM        {m['slm']['name']}  sha256 {m['slm']['sha256'][:16]}…  vocab {m['slm']['vocab_size']}"
+               f"  GGUF {'bundled' if m['slm'].get('bundled_file') else 'not bundled (models pull)'}\n"
+               f"  reranker   K={m['k']}  threshold {m['threshold']:.3f}  opset {m['onnx_opset']}  "
+               f"parity {m['onnx_parity_max_abs_diff']:.1e}  {(b.onnx_path.stat().st_size / 1e6):.1f} MB\n"
+               f"  held-out   agreement {t.get('agreement', 0):.4f} vs greedy {t.get('greedy_agreement', 0):.4f}, "
+               f"hit@1 at divergence {t.get('hit1_at_divergence') or 0:.3f}\n"
+               f"  packages   {', '.join(f'{k} {v}' for k, v in m['packages'].items())}")

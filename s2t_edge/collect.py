@@ -1,0 +1,137 @@
+"""`s2t-edge collect`: SLM trajectories scored by the teacher, stored as labelled candidate groups.
+
+For each problem: decode an SLM trajectory (plain greedy, or on-policy S2T where the teacher picks
+among the SLM's candidates at every step), record the SLM's top-K, hidden state and step features
+at every generated position, then score the whole trajectory with the teacher in ONE prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from s2t_edge.candidates import Step
+from s2t_edge.decode import DecodeStats, decode
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+from s2t_edge.eval.data import Problem, load_problems
+from s2t_edge.eval.grading import SYSTEM_PROMPT, extract_answer, is_correct
+from s2t_edge.progress import Progress
+from s2t_edge.prompt import ChatTemplate
+from s2t_edge.shards import read_manifest, shard_name, write_manifest, write_shard
+from s2t_edge.store import sha256_file
+from s2t_edge.teacher import TeacherSelector, check_same_vocab, kl_on_support, teacher_view
+from s2t_edge.trigger import Always, Never, Trigger
+
+
+@dataclass
+class Recorder:
+    """A trigger wrapper that records every step it sees (candidates, hidden state, features)."""
+
+    inner: Trigger = field(default_factory=Never)
+    name: str = "recorder"
+    steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = field(default_factory=list)
+
+    def fires(self, step: Step) -> bool:
+        c = step.cands
+        hidden = step.hidden.astype(np.float16) if step.hidden is not None else np.zeros(0, np.float16)
+        self.steps.append((c.ids.copy(), c.logits.copy(), hidden, c.entropy, c.margin))
+        return self.inner.fires(step)
+
+
+def problem_prompt(engine: Engine, template: ChatTemplate, question: str) -> list[int]:
+    """The prompt every stage (collection, evaluation) uses for a math problem."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    return engine.tokenize(template.render(messages), special=True)
+
+
+def label_problem(
+    slm: Engine, teacher: Engine, template: ChatTemplate, problem: Problem, *, k: int, mode: str,
+    max_tokens: int,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """One problem's shard arrays and metadata."""
+    prompt = problem_prompt(slm, template, problem.question)
+    selector = TeacherSelector(teacher, "s2t") if mode == "s2t" else None
+    rec = Recorder(Always() if mode == "s2t" else Never())
+    stats = DecodeStats()
+    traj = [t.id for t in decode(slm, prompt, max_tokens=max_tokens, k=k, trigger=rec, selector=selector, stats=stats)]
+    if stats.stop_token is not None:
+        traj.append(stats.stop_token)  # the end-of-turn step was recorded: let the teacher score it
+    T = len(traj)
+    rec.steps = rec.steps[:T]
+    # Teacher logits at position p predict token p+1: score prompt + traj[:-1] from len(prompt)-1.
+    probs, top1, top1p, kl = [], [], [], []
+    for (pos, logits), (ids, slm_logits, _, _, _) in zip(
+        teacher.score(prompt + traj[:-1], len(prompt) - 1), rec.steps
+    ):
+        v = teacher_view(logits, ids)
+        probs.append(v.probs_on)
+        top1.append(v.top1)
+        top1p.append(v.top1_prob)
+        z = slm_logits - slm_logits.max()
+        kl.append(kl_on_support(v.probs_on, z - np.log(np.exp(z).sum())))
+    text = slm.detokenize([t for t in traj if not slm.is_eog(t)])
+    pred = extract_answer(text)
+    arrays = {
+        "slm_ids": np.stack([s[0] for s in rec.steps]).astype(np.int32),
+        "slm_logits": np.stack([s[1] for s in rec.steps]).astype(np.float32),
+        "hidden": np.stack([s[2] for s in rec.steps]),
+        "entropy": np.array([s[3] for s in rec.steps], np.float32),
+        "margin": np.array([s[4] for s in rec.steps], np.float32),
+        "teacher_probs": np.stack(probs).astype(np.float32),
+        "teacher_top1": np.array(top1, np.int32),
+        "teacher_top1_prob": np.array(top1p, np.float32),
+        "kl": np.array(kl, np.float32),
+        "chosen": np.array(traj, np.int32),
+    }
+    meta = {
+        "gold": problem.gold, "pred": pred, "correct": is_correct(pred, problem.gold),
+        "prompt_tokens": len(prompt), "tokens": T, "finish_reason": stats.finish_reason, "text": text,
+    }
+    return arrays, meta
+
+
+def collect(
+    slm_path: Path, teacher_path: Path, data: Path, out_dir: Path, *, limit: int | None = None,
+    k: int = 16, mode: str = "greedy", max_tokens: int = 400, n_ctx: int = 4096,
+    threads: int | None = None, gpu_layers: int = 0, skip_bad: bool = False, progress: bool = True,
+) -> dict:
+    """Label `limit` problems of `data` into `out_dir`; resumable. Returns the manifest."""
+    if mode not in ("greedy", "s2t"):
+        raise S2TError(f"unknown --mode {mode!r} (greedy or s2t)")
+    problems, n_bad = load_problems(data, limit=limit, skip_bad=skip_bad)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "slm": slm_path.name, "slm_sha256": sha256_file(slm_path), "teacher": teacher_path.name,
+        "teacher_sha256": sha256_file(teacher_path), "k": k, "mode": mode, "max_tokens": max_tokens,
+        "n_ctx": n_ctx, "data": str(data),
+    }
+    old = read_manifest(out_dir)
+    if old:
+        diff = [key for key in settings if key != "data" and old.get(key) != settings[key]]
+        if diff:
+            raise S2TError(f"{out_dir} holds groups collected with other settings ({', '.join(diff)}); use another --out")
+    slm = Engine(slm_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=True)
+    teacher = Engine(teacher_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    check_same_vocab(slm, teacher)
+    template = ChatTemplate(slm)
+    todo = [p for p in problems if not (out_dir / shard_name(p.id)).exists()]
+    bar = Progress(len(todo), "collect", progress)
+    counts = {"problems": len(problems) - len(todo), "positions": 0, "correct": 0}
+    counts.update({key: old.get(key, 0) for key in ("positions", "correct")} if old else {})
+    try:
+        for p in todo:
+            arrays, meta = label_problem(slm, teacher, template, p, k=k, mode=mode, max_tokens=max_tokens)
+            write_shard(out_dir, p.id, arrays, meta)
+            counts["problems"] += 1
+            counts["positions"] += meta["tokens"]
+            counts["correct"] += meta["correct"]
+            write_manifest(out_dir, {**settings, **counts, "skipped_bad_lines": n_bad})
+            bar.update(note=f"acc {counts['correct'] / counts['problems']:.2f}")
+    finally:
+        bar.close()
+        slm.close()
+        teacher.close()
+    return {**settings, **counts}

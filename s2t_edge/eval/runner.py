@@ -1,0 +1,116 @@
+"""`s2t-edge eval`: run decoding policies over a JSONL problem set, resumably, one record per problem."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from s2t_edge.collect import problem_prompt
+from s2t_edge.decode import DecodeStats, decode
+from s2t_edge.errors import S2TError
+from s2t_edge.eval.data import Problem, load_problems
+from s2t_edge.eval.grading import extract_answer, is_correct
+from s2t_edge.eval.results import ResultsDir
+from s2t_edge.eval.vote import majority_vote
+from s2t_edge.parallel import sample_parallel
+from s2t_edge.policy import Policy
+from s2t_edge.progress import Progress
+from s2t_edge.prompt import ChatTemplate
+from s2t_edge.runtime import Models, build_policy
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One policy to evaluate: greedy, maj@N, s2t-local, s2t, takeover or teacher."""
+
+    name: str
+
+    @property
+    def maj_n(self) -> int | None:
+        if self.name.startswith("maj@"):
+            try:
+                n = int(self.name[4:])
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise S2TError(f"bad policy {self.name!r}: use maj@N with N >= 1, e.g. maj@8")
+            return n
+        return None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.name in ("s2t", "takeover", "teacher")
+
+
+def parse_policies(names: list[str]) -> list[EvalSpec]:
+    known = ("greedy", "s2t-local", "s2t", "takeover", "teacher")
+    specs = [EvalSpec(n) for n in names]
+    for s in specs:
+        if s.maj_n is None and s.name not in known:
+            raise S2TError(f"unknown policy {s.name!r}; choose from {', '.join(known)} or maj@N")
+    return specs
+
+
+def _solve(models: Models, template: ChatTemplate, spec: EvalSpec, policy: Policy | None, problem: Problem, *,
+           max_tokens: int, seed: int) -> dict:
+    """Answer one problem with one policy; the record written to results.jsonl."""
+    t0 = time.perf_counter()
+    if spec.maj_n:
+        prompt = problem_prompt(models.slm, template, problem.question)
+        samples = sample_parallel(models.slm, prompt, spec.maj_n, max_tokens=max_tokens, seed=seed + problem.index)
+        texts = [models.slm.detokenize(s) for s in samples]
+        answers = [extract_answer(t) for t in texts]
+        pred, votes = majority_vote(answers)
+        return {"output": texts[0], "pred": pred, "votes": votes, "answers": answers,
+                "tokens": sum(len(s) for s in samples), "seconds": time.perf_counter() - t0, "triggers": 0, "flips": 0}
+    engine = models.teacher if spec.name == "teacher" else models.slm
+    prompt = problem_prompt(engine, template, problem.question)
+    stats = DecodeStats()
+    ids = [t.id for t in decode(engine, prompt, max_tokens=max_tokens, stats=stats, **policy.decode_args())]
+    text = engine.detokenize(ids)
+    return {"output": text, "pred": extract_answer(text), "tokens": len(ids), "seconds": time.perf_counter() - t0,
+            "triggers": stats.triggers, "flips": stats.flips, "finish_reason": stats.finish_reason}
+
+
+def run_eval(models: Models, data: Path, specs: list[EvalSpec], out: Path, *, limit: int | None = None,
+             k: int = 8, max_tokens: int = 512, seed: int = 0, trigger: str = "always",
+             threshold: float | None = None, question_field: str = "question", answer_field: str = "answer",
+             skip_bad: bool = False, progress: bool = True) -> list[dict]:
+    """Evaluate each policy into `out/<policy>/`; rerunning skips finished problems. Returns summaries."""
+    problems, n_bad = load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
+    if n_bad:
+        print(f"skipped {n_bad} bad line(s) in {data}")
+    template = ChatTemplate(models.slm)
+    summaries = []
+    for spec in specs:
+        if spec.needs_teacher and models.teacher is None:
+            raise S2TError(f"policy {spec.name} needs --teacher MODEL")
+        engine = models.teacher if spec.name == "teacher" else models.slm
+        settings = {
+            "policy": spec.name, "model": engine.path.name, "model_size": engine.path.stat().st_size,
+            "k": k, "max_tokens": max_tokens, "data": Path(data).name, "seed": seed,
+            "bundle": models.bundle.manifest["onnx_sha256"][:16] if spec.name == "s2t-local" and models.bundle else None,
+            "teacher": models.teacher.path.name if spec.name in ("s2t", "takeover") and models.teacher else None,
+            "trigger": trigger if spec.name in ("s2t", "takeover") else None,
+            "threshold": threshold if spec.name in ("s2t", "takeover") else None,
+        }
+        results = ResultsDir(out / spec.name.replace("@", "_at_"), settings)
+        policy = None if spec.maj_n else build_policy(
+            models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold)
+        done = results.done_ids()
+        todo = [p for p in problems if p.id not in done]
+        correct = sum(r["correct"] for r in results.records())
+        bar = Progress(len(problems), spec.name, progress)
+        bar.done = len(problems) - len(todo)
+        try:
+            for p in todo:
+                rec = _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)
+                rec = {"id": p.id, "policy": spec.name, "gold": p.gold, "correct": is_correct(rec["pred"], p.gold), **rec}
+                results.append(rec)
+                correct += rec["correct"]
+                bar.update(note=f"acc {correct / bar.done:.3f}")
+        finally:
+            bar.close()
+        summaries.append(results.summary())
+    return summaries

@@ -1,0 +1,107 @@
+"""Loading what a command needs once: the SLM, its S2T-LOCAL bundle, an optional teacher, and the
+policy that combines them. `generate`, `chat` and `eval` all go through here."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from s2t_edge.bundle import Bundle, default_bundle_path, load_bundle
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+from s2t_edge.policy import Policy, greedy, sampling
+from s2t_edge.reranker import OnnxReranker, S2TLocal
+from s2t_edge.store import resolve_model
+from s2t_edge.teacher import KLTrigger, TeacherSelector, check_same_vocab
+from s2t_edge.trigger import Always, Entropy
+
+POLICIES = ("greedy", "s2t-local", "s2t", "takeover")
+TRIGGERS = ("always", "kl", "entropy")
+
+
+@dataclass
+class Models:
+    slm: Engine
+    bundle: Bundle | None = None
+    teacher: Engine | None = None
+
+    def close(self) -> None:
+        self.slm.close()
+        if self.teacher:
+            self.teacher.close()
+
+
+def default_bundle_for(slm_path: Path, explicit_model: bool) -> Bundle | None:
+    """The shipped default bundle, unless the user picked a model it was not built for."""
+    path = default_bundle_path()
+    if path is None:
+        return None
+    b = load_bundle(path)
+    if explicit_model and b.manifest["slm"]["size"] != slm_path.stat().st_size:
+        print(f"note: the default S2T-LOCAL bundle is for {b.manifest['slm']['name']}; "
+              f"decoding {slm_path.name} without it", file=sys.stderr)
+        return None
+    return b
+
+
+def open_models(model: str | None = None, *, bundle: str | None = None, teacher: str | None = None,
+                ctx: int = 4096, threads: int | None = None, gpu_layers: int = 0, n_seq: int = 1,
+                progress: bool = True) -> Models:
+    """Load the SLM, its bundle and an optional teacher.
+
+    `bundle`: None → the shipped default; "none" → no reranker; a path → that bundle (a bundle
+    that carries its own GGUF runs on it unless `model` is given). The bundle is verified
+    against the GGUF before anything is decoded.
+    """
+    if bundle is None or bundle == "none":
+        slm_path = resolve_model(model, progress=progress)
+        chosen = default_bundle_for(slm_path, model is not None) if bundle is None else None
+    else:
+        chosen = load_bundle(bundle)
+        slm_path = chosen.gguf_path if model is None and chosen.gguf_path else resolve_model(model, progress=progress)
+    slm = Engine(slm_path, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=chosen is not None,
+                 n_seq=n_seq)
+    if chosen is not None:
+        chosen.check_slm(slm_path, slm.n_vocab)
+    t = None
+    if teacher:
+        t = Engine(resolve_model(teacher, role="teacher", progress=progress), n_ctx=ctx, n_threads=threads,
+                   n_gpu_layers=gpu_layers)
+        check_same_vocab(slm, t)
+    return Models(slm, chosen, t)
+
+
+def build_policy(models: Models, policy: str | None = None, *, k: int = 8, temperature: float = 0.0,
+                 seed: int | None = None, trigger: str = "always", threshold: float | None = None) -> Policy:
+    """The named policy over loaded models. Default: s2t-local when a bundle is loaded, else greedy;
+    a temperature > 0 samples instead."""
+    if policy is None:
+        policy = "s2t-local" if models.bundle else "greedy"
+    if temperature > 0:
+        if policy != "greedy" and models.bundle is None:
+            raise S2TError("--temperature > 0 samples; it cannot be combined with a selection policy")
+        return sampling(temperature, seed=seed)
+    if policy == "greedy":
+        return greedy(k)
+    if policy == "s2t-local":
+        if models.bundle is None:
+            raise S2TError("policy s2t-local needs a bundle (--bundle PATH, or the default bundle)")
+        sel = S2TLocal(OnnxReranker(models.bundle.onnx_path), models.bundle.threshold)
+        return Policy("s2t-local", k=models.bundle.k, trigger=sel, selector=sel, needs_hidden=True)
+    if policy in ("s2t", "takeover"):
+        if models.teacher is None:
+            raise S2TError(f"policy {policy} needs a teacher (--teacher MODEL)")
+        sel = TeacherSelector(models.teacher, policy)
+        if trigger == "always":
+            trig = Always()
+        elif threshold is None:
+            raise S2TError(f"--trigger {trigger} needs --threshold (see `s2t-edge analyze coverage` for KL quantiles)")
+        elif trigger == "kl":
+            trig = KLTrigger(sel, threshold)
+        elif trigger == "entropy":
+            trig = Entropy(threshold)
+        else:
+            raise S2TError(f"unknown --trigger {trigger!r}; choose one of {', '.join(TRIGGERS)}")
+        return Policy(f"{policy}/{trigger}" if trigger != "always" else policy, k=k, trigger=trig, selector=sel)
+    raise S2TError(f"unknown --policy {policy!r}; choose one of {', '.join(POLICIES)}")

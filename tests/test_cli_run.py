@@ -1,0 +1,235 @@
+"""`generate` and `chat` on the tiny GGUF through click's test runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import s2t_edge.chat
+import s2t_edge.cli_run
+from s2t_edge.cli import main
+from s2t_edge.decode import Token, decode
+from tests.tiny_gguf import write_tiny_gguf
+
+PROMPT = "Hello world"
+
+
+def cli(model: Path | str, *args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(
+        main, [args[0], "--model", str(model), "--threads", "1", *args[1:]], input=input
+    )
+
+
+def generate_json(model: Path, *args: str) -> dict:
+    r = cli(model, "generate", PROMPT, "--json", "--max-tokens", "8", *args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def interrupt_after(n: int, once: bool = False):
+    """A `decode` that raises KeyboardInterrupt (like Ctrl-C) after yielding `n` tokens."""
+    calls = []
+
+    def fake(*args, **kwargs) -> Iterator[Token]:
+        calls.append(1)
+        for i, tok in enumerate(decode(*args, **kwargs)):
+            if i == n and (not once or len(calls) == 1):
+                raise KeyboardInterrupt
+            yield tok
+
+    return fake
+
+
+def test_generate_json(tiny_gguf: Path) -> None:
+    out = generate_json(tiny_gguf)
+    assert set(out) == {"text", "tokens", "stats", "model"}
+    assert out["model"] == str(tiny_gguf)
+    assert isinstance(out["text"], str) and all(isinstance(t, int) for t in out["tokens"])
+    stats = out["stats"]
+    assert len(out["tokens"]) == stats["steps"] == 8 and stats["finish_reason"] == "length"
+    assert stats["prompt_tokens"] > len(PROMPT.split()) and stats["tokens_per_s"] > 0
+    assert {"triggers", "flips", "trigger_rate", "flip_rate", "model_s"} <= set(stats)
+
+
+def test_generate_streams_same_text(tiny_gguf: Path) -> None:
+    out = generate_json(tiny_gguf)
+    r = cli(tiny_gguf, "generate", PROMPT, "--max-tokens", "8", "--show-stats")
+    assert r.exit_code == 0
+    # the same text (invalid UTF-8 from random weights may be replaced differently)
+    assert r.stdout.replace("\ufffd", "") == out["text"].replace("\ufffd", "") + "\n"
+    assert r.stderr.startswith("[8 tokens,") and "finish length" in r.stderr
+
+
+def test_generate_raw_and_system(tiny_gguf: Path) -> None:
+    raw = generate_json(tiny_gguf, "--raw")
+    templated = generate_json(tiny_gguf)
+    with_system = generate_json(tiny_gguf, "--system", "Be brief.")
+    assert raw["stats"]["prompt_tokens"] == 2  # "Hello", " world"
+    assert templated["stats"]["prompt_tokens"] > raw["stats"]["prompt_tokens"]
+    assert with_system["stats"]["prompt_tokens"] != templated["stats"]["prompt_tokens"]
+    r = cli(tiny_gguf, "generate", PROMPT, "--raw", "--system", "x")
+    assert r.exit_code == 2 and "--system" in r.stderr
+
+
+def test_generate_stdin(tiny_gguf: Path) -> None:
+    r = cli(tiny_gguf, "generate", "-", "--raw", "--json", "--max-tokens", "2", input=PROMPT)
+    assert r.exit_code == 0 and json.loads(r.stdout)["stats"]["prompt_tokens"] == 2
+
+
+def test_generate_sampling_seed(tiny_gguf: Path) -> None:
+    a = generate_json(tiny_gguf, "--temperature", "1.0", "--seed", "3", "--k", "16")
+    b = generate_json(tiny_gguf, "--temperature", "1.0", "--seed", "3", "--k", "16")
+    assert a["tokens"] == b["tokens"] and a["stats"]["triggers"] == 8
+
+
+def one_error_line(r: Result, code: int = 1) -> str:
+    assert r.exit_code == code, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_bad_models(tmp_path: Path, tiny_gguf: Path) -> None:
+    assert "no such file" in one_error_line(cli(tmp_path / "missing.gguf", "generate", "hi"))
+    assert "unknown model" in one_error_line(cli("no-such-model", "generate", "hi"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all")
+    assert "not a GGUF" in one_error_line(cli(bad, "generate", "hi"))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:3000])
+    assert "could not load" in one_error_line(cli(cut, "chat", input="hi\n"))
+
+
+def test_prompt_longer_than_context(tiny_gguf: Path) -> None:
+    r = cli(tiny_gguf, "generate", "hello " * 300)
+    assert "context overflow" in one_error_line(r)
+
+
+@pytest.mark.parametrize(
+    ("args", "bad"),
+    [(["--k", "99"], "--k"), (["--k", "0"], "--k"), (["--temperature", "-1"], "--temperature")],
+)
+def test_bad_option_values(tiny_gguf: Path, args: list[str], bad: str) -> None:
+    r = cli(tiny_gguf, "generate", "hi", *args)
+    assert r.exit_code == 2 and f"Invalid value for '{bad}'" in r.stderr
+
+
+def test_generate_ctrl_c(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s2t_edge.cli_run, "decode", interrupt_after(3))
+    r = cli(tiny_gguf, "generate", PROMPT, "--show-stats")
+    assert r.exit_code == 130 and "Traceback" not in r.output and "Aborted" not in r.output
+    assert r.stdout.endswith("\n")
+    assert r.stderr.startswith("[") and "finish interrupted" in r.stderr
+    r = cli(tiny_gguf, "generate", PROMPT, "--json")
+    assert r.exit_code == 130 and len(json.loads(r.stdout)["tokens"]) == 3
+
+
+def test_chat_through_stdin(tiny_gguf: Path) -> None:
+    script = "/help\nHello there\n\n/stats\n/reset\n/stats\n/nope\n/quit\nnever answered\n"
+    r = cli(tiny_gguf, "chat", "--max-tokens", "6", "--show-stats", input=script)
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "/reset" in out and "/quit" in out  # the help text
+    assert ">>>" not in out  # no prompt decoration when stdin is not a tty
+    assert "1 turns, 6 tokens" in out and "0 turns, 0 tokens" in out
+    assert "(conversation cleared)" in out and "unknown command /nope" in out
+    assert r.stderr.count("[6 tokens,") == 1  # one answer, one stats line
+
+
+def test_chat_eof_and_system(tiny_gguf: Path) -> None:
+    r = cli(tiny_gguf, "chat", "--system", "Be brief.", "--max-tokens", "4", input="a\nb\n")
+    assert r.exit_code == 0 and r.stdout.count("\n") == 2  # two answers, then EOF
+
+
+def test_chat_ctrl_c_keeps_session(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions: list[s2t_edge.chat.ChatSession] = []
+
+    class Recorded(s2t_edge.chat.ChatSession):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            sessions.append(self)
+
+    monkeypatch.setattr(s2t_edge.chat, "decode", interrupt_after(2, once=True))
+    monkeypatch.setattr(s2t_edge.cli_run, "ChatSession", Recorded)
+    r = cli(tiny_gguf, "chat", "--max-tokens", "5", "--show-stats", input="one\ntwo\n/stats\n")
+    assert r.exit_code == 0, r.output
+    assert "finish interrupted" in r.stderr and "finish length" in r.stderr
+    assert "2 turns, " in r.stdout
+    roles = [m["role"] for m in sessions[0].messages]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert sessions[0].messages[1]["content"]  # the partial answer stayed in history
+
+
+def test_chat_without_template(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "no-template.gguf", chat_template=None)
+    assert "no chat template" in one_error_line(cli(path, "chat", input="hi\n"))
+    r = cli(path, "generate", PROMPT, "--raw", "--max-tokens", "2")
+    assert r.exit_code == 0
+
+
+def _pty_chat(model: Path) -> tuple[int, int]:
+    """Start `chat` on a pseudo-terminal (so Ctrl-C is a real SIGINT); returns (pid, fd)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.execv(sys.executable, [
+            sys.executable, "-m", "s2t_edge.cli", "chat", "--model", str(model), "--threads", "1",
+            "--max-tokens", "4",
+        ])
+    return pid, fd
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {buf!r}")
+        buf += os.read(fd, 4096)
+        print("READ", buf)
+    return buf
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_chat_on_a_terminal(tiny_gguf: Path) -> None:
+    pid, fd = _pty_chat(tiny_gguf)
+    try:
+        assert b"/help" in _read_until(fd, b">>> ")
+        os.write(fd, b"Hello\n")
+        _read_until(fd, b">>> ")  # answered, fresh prompt
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt: a fresh prompt, the session goes on
+        assert b"Ctrl-C again" in _read_until(fd, b">>> ")
+        time.sleep(2.1)  # not "twice quickly"
+        os.write(fd, b"\x03")
+        _read_until(fd, b">>> ")
+        os.write(fd, b"/stats\n")
+        assert b"1 turns" in _read_until(fd, b">>> ")
+        os.write(fd, b"\x03")
+        time.sleep(0.2)
+        os.write(fd, b"\x03")  # twice quickly: leave
+        assert _exit_code(pid) == 0
+    finally:
+        os.close(fd)
+
+
+def test_chat_on_a_terminal_ctrl_d(tiny_gguf: Path) -> None:
+    pid, fd = _pty_chat(tiny_gguf)
+    try:
+        _read_until(fd, b">>> ")
+        os.write(fd, b"\x04")  # Ctrl-D at an empty prompt: EOF
+        assert _exit_code(pid) == 0
+    finally:
+        os.close(fd)

@@ -1,0 +1,148 @@
+"""Engine on the tiny GGUF: tokenizer, prefix reuse, steps vs prefill, hidden state, scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+
+TEXT = "Hello world, the answer is 42."
+ATOL = 1e-4
+
+
+def make(path: Path, **kw) -> Engine:
+    return Engine(path, n_ctx=256, n_threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf: Path) -> Engine:
+    return make(tiny_gguf)
+
+
+@pytest.mark.parametrize("text", [TEXT, " the answer is 42.\n\n", "héllo wörld 😀\tend"])
+def test_tokenize_round_trip(engine: Engine, text: str) -> None:
+    ids = engine.tokenize(text)
+    assert ids and all(0 <= t < engine.n_vocab for t in ids)
+    assert engine.detokenize(ids) == text
+
+
+def test_special_tokens_parsed(engine: Engine) -> None:
+    ids = engine.tokenize("<|im_start|>user<|im_end|>")
+    assert len(ids) == 3 and engine.is_eog(ids[-1]) and not engine.is_eog(ids[0])
+    assert len(engine.tokenize("<|im_end|>", special=False)) > 1
+
+
+def test_load_reuses_common_prefix(
+    tiny_gguf: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = engine.tokenize(TEXT)
+    b = a[:5] + engine.tokenize(" and more text")
+    engine.load(a)
+    assert engine.n_past == len(a)
+    decoded: list[int] = []
+    real_decode = engine._decode
+    monkeypatch.setattr(
+        engine, "_decode", lambda toks, *rest: decoded.extend(toks) or real_decode(toks, *rest)
+    )
+    got = engine.load(b).copy()
+    assert decoded == b[5:]  # only the new suffix went through llama_decode
+    assert engine.n_past == len(b) and engine.tokens == b
+    with make(tiny_gguf) as fresh:
+        np.testing.assert_allclose(got, fresh.load(b), atol=ATOL)
+        # a strict prefix of what is cached: re-decodes only the last token
+        np.testing.assert_allclose(engine.load(b[:3]), fresh.load(b[:3]), atol=ATOL)
+    assert engine.n_past == 3
+
+
+def test_load_trims_stray_cells(engine: Engine) -> None:
+    """A decode interrupted before `tokens` was updated must not break the next load."""
+    ids = engine.tokenize(TEXT)
+    engine.load(ids)
+    engine._decode((5,), engine.n_past, (True,))  # in the cache, not in engine.tokens
+    ref = engine.load(ids + [5, 6]).copy()
+    engine.reset()
+    np.testing.assert_allclose(ref, engine.load(ids + [5, 6]), atol=ATOL)
+
+
+def test_step_equals_prefill(tiny_gguf: Path, engine: Engine) -> None:
+    ids = engine.tokenize(TEXT)
+    engine.reset()
+    engine.load(ids[:3])
+    for t in ids[3:]:
+        stepped = engine.step(t).copy()
+    with make(tiny_gguf) as fresh:
+        np.testing.assert_allclose(stepped, fresh.load(ids), atol=ATOL)
+
+
+def test_context_overflow(tiny_gguf: Path) -> None:
+    with make(tiny_gguf) as e:
+        assert e.n_ctx == 256  # capped at the model's training context
+        with pytest.raises(S2TError, match="context overflow"):
+            e.load(list(range(10, 10 + e.n_ctx + 1)))
+        e.load(list(range(10, 10 + e.n_ctx)))
+        with pytest.raises(S2TError, match="context overflow"):
+            e.step(11)
+
+
+def test_hidden_state(tiny_gguf: Path, engine: Engine) -> None:
+    ids = engine.tokenize(TEXT)
+    engine.reset()
+    plain = [engine.load(ids).copy()] + [engine.step(t).copy() for t in (7, 8)]
+    with make(tiny_gguf, hidden=True) as h:
+        assert h.hidden is None
+        with_hidden = [h.load(ids).copy()]
+        states = [h.hidden.copy()]
+        for t in (7, 8):
+            with_hidden.append(h.step(t).copy())
+            states.append(h.hidden.copy())
+    for a, b in zip(plain, with_hidden):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    for s in states:
+        assert s.shape == (engine.n_embd,) == (64,) and np.isfinite(s).all()
+    assert not np.allclose(states[0], states[1])
+
+
+def test_score_rows_equal_steps(engine: Engine) -> None:
+    ids = engine.tokenize(TEXT + " Let us think step by step.")
+    first = 4
+    rows = {pos: logits.copy() for pos, logits in engine.score(ids, first)}
+    assert sorted(rows) == list(range(first, len(ids)))
+    engine.reset()
+    ref = {first: engine.load(ids[: first + 1]).copy()}
+    for pos in range(first + 1, len(ids)):
+        ref[pos] = engine.step(ids[pos]).copy()
+    for pos, logits in rows.items():
+        np.testing.assert_allclose(logits, ref[pos], atol=ATOL, err_msg=f"position {pos}")
+
+
+def test_score_across_batches(tiny_gguf: Path, engine: Engine) -> None:
+    ids = engine.tokenize(TEXT + " Let us think step by step.")
+    ref = {pos: logits.copy() for pos, logits in engine.score(ids, 2)}
+    with make(tiny_gguf, n_batch=4) as small:
+        rows = {pos: logits.copy() for pos, logits in small.score(ids, 6)}
+    assert sorted(rows) == list(range(6, len(ids)))
+    for pos, logits in rows.items():
+        np.testing.assert_allclose(logits, ref[pos], atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such model file"), (b"", "truncated"), (b"GGML" + bytes(64), "bad magic")],
+)
+def test_bad_files_refused(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(S2TError, match=message):
+        Engine(path)
+
+
+def test_corrupt_gguf_refused(tmp_path: Path, tiny_gguf: Path) -> None:
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(tiny_gguf.read_bytes()[:2000])
+    with pytest.raises(S2TError, match="could not load"):
+        Engine(path)
