@@ -28,12 +28,13 @@ def main() -> None:
 
 
 def _register() -> None:
+    from s2t_edge.cli_eval import eval_group
     from s2t_edge.cli_models import models
+    from s2t_edge.cli_pipeline import analyze, bundle, collect, export, train
     from s2t_edge.cli_run import chat, generate
 
-    main.add_command(models)
-    main.add_command(generate)
-    main.add_command(chat)
+    for command in (models, generate, chat, collect, analyze, train, export, bundle, eval_group):
+        main.add_command(command)
 
 
 _register()

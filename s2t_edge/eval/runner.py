@@ -109,7 +109,7 @@ def run_eval(models: Models, data: Path, specs: list[EvalSpec], out: Path, *, li
                 rec = {"id": p.id, "policy": spec.name, "gold": p.gold, "correct": is_correct(rec["pred"], p.gold), **rec}
                 results.append(rec)
                 correct += rec["correct"]
-                bar.update(note=f"acc {correct / bar.done:.3f}")
+                bar.update(note=f"acc {correct / (bar.done + 1):.3f}")
         finally:
             bar.close()
         summaries.append(results.summary())
