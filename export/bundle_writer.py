@@ -68,14 +68,14 @@ def export_bundle(slm: Path, ckpt_path: Path, out: Path, *, archive: bool = Fals
     emb = output_embedding(gguf)
     if emb.shape[1] != ckpt["n_embd"]:
         raise S2TError(f"reranker was trained on hidden size {ckpt['n_embd']}, {gguf.name} has {emb.shape[1]}")
-    shipped = Shipped(model, emb if model.use_tokens else None)
-    onnx_path = export_onnx(shipped, out / ONNX_NAME)
-    inputs = ckpt["parity_inputs"]
-    worst = check_parity(shipped, onnx_path, inputs["hidden"], inputs["ids"], inputs["logits"])
     sha = sha256_file(gguf)
     if report["groups"].get("slm_sha256") and not quantize and report["groups"]["slm_sha256"] != sha:
         raise S2TError(f"reranker was trained on groups from another SLM (sha256 {report['groups']['slm_sha256'][:12]}…), "
                        f"not {gguf.name}")
+    shipped = Shipped(model, emb if model.use_tokens else None)
+    onnx_path = export_onnx(shipped, out / ONNX_NAME)
+    inputs = ckpt["parity_inputs"]
+    worst = check_parity(shipped, onnx_path, inputs["hidden"], inputs["ids"], inputs["logits"])
     bundled = None
     if include_gguf:
         bundled = gguf.name

@@ -100,7 +100,9 @@ def load_bundle(path: str | Path) -> Bundle:
     except json.JSONDecodeError as e:
         raise S2TError(f"{mpath}: manifest is not valid JSON ({e})") from e
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int):
+        raise S2TError(f"{mpath}: manifest has no integer format_version; not an s2t-edge bundle")
+    if version > FORMAT_VERSION:
         raise S2TError(f"{mpath}: bundle format {version} is newer than this s2t-edge reads "
                        f"({FORMAT_VERSION}); upgrade s2t-edge")
     if manifest.get("feature_version") != FEATURE_VERSION:

@@ -241,6 +241,7 @@ def repl(session: ChatSession, *, show_stats: bool = False, tty: bool = False) -
             continue
         if line is None:
             return
+        last_interrupt = 0.0  # "Ctrl-C twice" means twice in a row
         line = line.strip()
         if not line:
             continue

@@ -20,7 +20,7 @@ from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import SYSTEM_PROMPT, extract_answer, is_correct
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
-from s2t_edge.shards import read_manifest, shard_name, write_manifest, write_shard
+from s2t_edge.shards import read_manifest, read_shard_meta, shard_name, write_manifest, write_shard
 from s2t_edge.store import sha256_file
 from s2t_edge.teacher import TeacherSelector, check_same_vocab, kl_on_support, teacher_view
 from s2t_edge.trigger import Always, Never, Trigger
@@ -118,9 +118,16 @@ def collect(
     check_same_vocab(slm, teacher)
     template = ChatTemplate(slm)
     todo = [p for p in problems if not (out_dir / shard_name(p.id)).exists()]
+    # counts come from the shards on disk (cheap: only their metadata is read), so a crash
+    # between a shard and the manifest, or a rerun with another --limit, cannot skew them
+    counts = {"problems": 0, "positions": 0, "correct": 0}
+    for p in problems:
+        if (out_dir / shard_name(p.id)).exists():
+            meta = read_shard_meta(out_dir / shard_name(p.id))
+            counts["problems"] += 1
+            counts["positions"] += meta["tokens"]
+            counts["correct"] += meta["correct"]
     bar = Progress(len(todo), "collect", progress)
-    counts = {"problems": len(problems) - len(todo), "positions": 0, "correct": 0}
-    counts.update({key: old.get(key, 0) for key in ("positions", "correct")} if old else {})
     try:
         for p in todo:
             arrays, meta = label_problem(slm, teacher, template, p, k=k, mode=mode, max_tokens=max_tokens)

@@ -21,14 +21,16 @@ class DecodeStats:
     steps: int = 0
     triggers: int = 0
     flips: int = 0  # selected token != the SLM's top-1
-    model_s: float = 0.0
+    model_s: float = 0.0  # includes the prompt's prefill (prefill_s)
     ours_s: float = 0.0
+    prefill_s: float = 0.0
     finish_reason: str = ""  # "stop" (end-of-turn token), "length" (max tokens or context full)
     stop_token: int | None = None  # the end-of-turn token that ended it (not yielded)
 
     @property
     def tokens_per_s(self) -> float:
-        total = self.model_s + self.ours_s
+        """Decode speed (the prompt's prefill excluded)."""
+        total = self.model_s - self.prefill_s + self.ours_s
         return self.steps / total if total > 0 else 0.0
 
     def as_dict(self) -> dict:
@@ -73,6 +75,7 @@ def decode(
     logits = engine.load(context)
     t1 = time.perf_counter()
     stats.model_s += t1 - t0
+    stats.prefill_s += t1 - t0
     stats.finish_reason = "length"
     for _ in range(max_tokens):
         cands = candidates(logits, k)

@@ -49,7 +49,7 @@ def write_shard(out_dir: Path, problem_id: str, arrays: dict[str, np.ndarray], m
     return path
 
 
-def read_shard(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def read_shard(path: Path, arrays: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """(meta, arrays) of one shard; a shard of another schema version is refused."""
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -59,9 +59,14 @@ def read_shard(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
                     f"{path}: shard schema {meta.get('schema')} but this s2t-edge reads "
                     f"schema {SCHEMA_VERSION}; re-collect with this version"
                 )
-            return meta, {k: z[k] for k in z.files if k != "meta"}
+            return meta, ({k: z[k] for k in z.files if k != "meta"} if arrays else {})
     except (OSError, ValueError, KeyError) as e:
         raise S2TError(f"{path}: not a readable shard ({e})") from e
+
+
+def read_shard_meta(path: Path) -> dict:
+    """Only the metadata of a shard (its arrays are not decompressed)."""
+    return read_shard(path, arrays=False)[0]
 
 
 def shard_paths(group_dir: Path) -> list[Path]:

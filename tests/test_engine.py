@@ -99,7 +99,7 @@ def test_hidden_state(tiny_gguf: Path, engine: Engine) -> None:
         for t in (7, 8):
             with_hidden.append(h.step(t).copy())
             states.append(h.hidden.copy())
-    for a, b in zip(plain, with_hidden):
+    for a, b in zip(plain, with_hidden, strict=True):
         np.testing.assert_allclose(a, b, atol=ATOL)
     for s in states:
         assert s.shape == (engine.n_embd,) == (64,) and np.isfinite(s).all()

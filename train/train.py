@@ -152,12 +152,14 @@ def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg:
 
 def load_checkpoint(path: str | Path) -> tuple[Reranker, dict]:
     """(model, checkpoint dict with `report` and held-out `parity_inputs`)."""
+    import pickle
+
     from s2t_edge.errors import S2TError
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         c = ckpt["report"]["config"]
-    except (OSError, RuntimeError, KeyError, EOFError) as e:
+    except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as e:
         raise S2TError(f"{path}: not a reranker checkpoint from `s2t-edge train` ({e})") from e
     model = Reranker(ckpt["n_embd"], c["k"], c["rank"], c["width"], c["use_hidden"], c["use_tokens"])
     model.load_state_dict(ckpt["state_dict"])

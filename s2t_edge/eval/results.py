@@ -107,7 +107,8 @@ def wilson(correct: int, n: int, z: float = _Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # clamp to p: rounding can put a bound a few ulps on the wrong side of p (e.g. 5e-17 at p=0)
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
 
 
 def summarize(records: list[dict], policy: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""The real SLM: greedy parity with llama-cpp-python's `Llama`, and the CLI end to end.
+
+Kept short (a few dozen tokens each): the machine running CI is small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from s2t_edge.decode import DecodeStats, decode
+from s2t_edge.engine import Engine
+from tests.llama_ref import reference_llama
+
+pytestmark = pytest.mark.integration
+
+N_CTX = 1024
+THREADS = 2
+PROMPTS = ["def fibonacci(n):\n", "The three primary colors are"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(slm_path: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*cli_cmd(slm_path, *args)], input=input, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=cli_env(),
+    )
+
+
+def cli_cmd(slm_path: Path, command: str, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "s2t_edge.cli", command, "--model", str(slm_path),
+        "--threads", str(THREADS), "--ctx", str(N_CTX), *args,
+    ]
+
+
+def cli_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+
+
+def test_greedy_parity_with_llama_cpp(slm_path: Path) -> None:
+    ours = []
+    with Engine(slm_path, n_ctx=N_CTX, n_threads=THREADS) as engine:
+        for prompt in PROMPTS:
+            stats = DecodeStats()
+            ids = [t.id for t in decode(engine, engine.tokenize(prompt), max_tokens=32, stats=stats)]
+            ours.append((len(engine.tokenize(prompt)), ids, engine.detokenize(ids), stats))
+    llm = reference_llama(
+        slm_path, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True
+    )
+    try:
+        for prompt, (n_prompt, ids, text, stats) in zip(PROMPTS, ours, strict=True):
+            out = llm.create_completion(prompt, max_tokens=32, temperature=0.0)
+            choice = out["choices"][0]
+            assert choice["text"] == text, prompt
+            assert out["usage"]["prompt_tokens"] == n_prompt
+            assert out["usage"]["completion_tokens"] == len(ids)
+            # Llama evaluates every sampled token but the last: compare those ids one by one
+            assert list(llm.input_ids[n_prompt : llm.n_tokens]) == ids[: llm.n_tokens - n_prompt]
+            assert llm.n_tokens - n_prompt >= len(ids) - 1
+            assert choice["finish_reason"] == stats.finish_reason
+    finally:
+        llm.close()
+
+
+def test_generate_streams_then_ctrl_c(slm_path: Path) -> None:
+    """Tokens reach stdout while the model is still generating; Ctrl-C stops it cleanly."""
+    proc = subprocess.Popen(
+        cli_cmd(slm_path, "generate", "--raw", "--max-tokens", "200", "--show-stats",
+                "def quicksort(items):\n"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no output within 120 s"
+        first = os.read(proc.stdout.fileno(), 4096)
+        assert first and proc.poll() is None  # streamed: text before the end of generation
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    text = (first + rest).decode()
+    assert "Traceback" not in err.decode() and text.endswith("\n") and len(text) > 2
+    assert "finish interrupted" in err.decode()
+
+
+def test_generate_answers(slm_path: Path) -> None:
+    r = run_cli(slm_path, "generate", "--max-tokens", "24", "What is 2 + 2? Reply with a number.")
+    assert r.returncode == 0, r.stderr
+    assert "4" in r.stdout
+
+
+def test_generate_json_stats(slm_path: Path) -> None:
+    r = run_cli(slm_path, "generate", "--json", "--max-tokens", "12", "Say hello.")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    stats = out["stats"]
+    assert 0 < stats["steps"] <= 12 and stats["tokens_per_s"] > 0
+    assert stats["prompt_tokens"] > 5 and stats["finish_reason"] in ("stop", "length")
+    assert stats["triggers"] == stats["flips"] == 0  # greedy
+    assert out["text"].strip() and len(out["tokens"]) in (stats["steps"], stats["steps"] - 1)
+    assert out["model"] == str(slm_path)
+
+
+def test_chat_two_turns(slm_path: Path) -> None:
+    questions = "What is 2 + 2? Reply with just the number.\nAnd 3 + 3?\n/stats\n"
+    r = run_cli(slm_path, "chat", "--max-tokens", "16", input=questions)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "4" in r.stdout and "6" in r.stdout, r.stdout
+    assert lines[-1].startswith("2 turns,"), r.stdout
