@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from s2t_edge.decode import DecodeStats, Token, decode
 from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
 from s2t_edge.policy import Policy
 from s2t_edge.prompt import ChatTemplate, Message
 
@@ -36,6 +37,10 @@ class ChatSession:
         prompt = self.engine.tokenize(self.template.render(self.messages), special=True)
         self.last = DecodeStats()
         ids: list[int] = []
+        if len(prompt) >= self.engine.n_ctx:
+            self.messages.pop()  # a turn that cannot fit is not kept, so the session stays usable
+            raise S2TError(f"context overflow: the conversation is {len(prompt)} tokens, n_ctx is "
+                           f"{self.engine.n_ctx}; /reset the chat or raise --ctx")
         try:
             for tok in decode(
                 self.engine, prompt, max_tokens=self.max_tokens, stats=self.last, **self.policy.decode_args()
@@ -44,5 +49,5 @@ class ChatSession:
                 yield tok
         finally:
             self.messages.append({"role": "assistant", "content": self.engine.detokenize(ids)})
-            for name in ("steps", "triggers", "flips", "model_s", "ours_s"):
+            for name in ("steps", "triggers", "flips", "model_s", "ours_s", "prefill_s"):
                 setattr(self.total, name, getattr(self.total, name) + getattr(self.last, name))

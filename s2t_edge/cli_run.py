@@ -95,7 +95,11 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(**kw: Any) -> Any:
         engine_opts = {name: kw.pop(name) for name in _ENGINE_OPTIONS}
         policy_opts = {name: kw.pop(name) for name in _POLICY_OPTIONS}
-        return f(RunOptions(**engine_opts, policy_opts=policy_opts), **kw)
+        try:
+            return f(RunOptions(**engine_opts, policy_opts=policy_opts), **kw)
+        except KeyboardInterrupt:  # outside generation (loading or pulling the model)
+            click.echo(err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     for option in reversed([*_ENGINE_OPTIONS.values(), *_POLICY_OPTIONS.values()]):
         wrapper = option(wrapper)

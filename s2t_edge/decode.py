@@ -77,7 +77,7 @@ def decode(
     stats.model_s += t1 - t0
     stats.prefill_s += t1 - t0
     stats.finish_reason = "length"
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         cands = candidates(logits, k)
         step = Step(context, len(prompt), cands, engine.hidden)
         fired = trigger.fires(step)
@@ -96,8 +96,8 @@ def decode(
         t2 = time.perf_counter()
         stats.ours_s += t2 - t1
         yield Token(token, text, fired, flipped)
-        if engine.n_past >= engine.n_ctx:
-            return  # context full: a documented truncation, finish_reason stays "length"
+        if i == max_tokens - 1 or engine.n_past >= engine.n_ctx:
+            return  # max tokens, or context full (a documented truncation): finish_reason "length"
         t2 = time.perf_counter()  # time the consumer spent is neither ours nor the model's
         logits = engine.step(token)
         t1 = time.perf_counter()

@@ -18,6 +18,8 @@ import s2t_edge.chat
 import s2t_edge.cli_run
 from s2t_edge.cli import main
 from s2t_edge.decode import Token, decode
+from s2t_edge.engine import Engine
+from s2t_edge.policy import greedy
 from tests.tiny_gguf import write_tiny_gguf
 
 PROMPT = "Hello world"
@@ -133,6 +135,16 @@ def test_generate_ctrl_c(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert r.exit_code == 130 and len(json.loads(r.stdout)["tokens"]) == 3
 
 
+def test_ctrl_c_while_loading(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(s2t_edge.cli_run.RunOptions, "load", interrupted)
+    for command in ("generate", "chat"):
+        r = cli(tiny_gguf, command, *(["hi"] if command == "generate" else []), input="hi\n")
+        assert r.exit_code == 130 and "Aborted" not in r.output
+
+
 def test_chat_through_stdin(tiny_gguf: Path) -> None:
     script = "/help\nHello there\n\n/stats\n/reset\n/stats\n/nope\n/quit\nnever answered\n"
     r = cli(tiny_gguf, "chat", "--max-tokens", "6", "--show-stats", input=script)
@@ -240,3 +252,25 @@ def test_chat_on_a_terminal_ctrl_d(tiny_gguf: Path) -> None:
         assert _exit_code(pid) == 0
     finally:
         os.close(fd)
+
+
+def test_chat_session_totals_and_prefix_reuse(tiny_gguf: Path) -> None:
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as engine:
+        session = s2t_edge.chat.ChatSession(engine, greedy(), max_tokens=3)
+        decoded: list[int] = []
+        real_decode = engine._decode
+        engine._decode = lambda toks, *rest: decoded.extend(toks) or real_decode(toks, *rest)
+        turns = []
+        for question in ("Hello", "And then?"):
+            decoded.clear()
+            list(session.send(question))
+            turns.append((session.last, len(decoded)))
+        (first, n_first), (second, n_second) = turns
+        assert n_first >= first.prompt_tokens
+        assert n_second < second.prompt_tokens  # the first turn's tokens stayed in the cache
+        total = session.total
+        assert total.steps == first.steps + second.steps
+        assert total.prefill_s == pytest.approx(first.prefill_s + second.prefill_s)
+        assert total.tokens_per_s == pytest.approx(
+            total.steps / (total.model_s - total.prefill_s + total.ours_s)
+        )

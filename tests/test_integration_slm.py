@@ -23,7 +23,7 @@ from tests.llama_ref import reference_llama
 pytestmark = pytest.mark.integration
 
 N_CTX = 1024
-THREADS = 2
+THREADS = 1  # llama.cpp threads spin at barriers: 2 threads on a busy 2-core box crawl
 PROMPTS = ["def fibonacci(n):\n", "The three primary colors are"]
 REPO = Path(__file__).resolve().parent.parent
 

@@ -251,7 +251,7 @@ def test_damaged_onnx_refused(exported, tmp_path: Path, damage: str) -> None:
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"format_version": 99}, "format 99 is newer"), ({"format_version": "1"}, "bundle format 1"),
+    [({"format_version": 99}, "format 99 is newer"), ({"format_version": "1"}, "no integer format_version"),
      ({"feature_version": FEATURE_VERSION + 1}, "feature version")],
 )
 def test_manifest_versions_refused(exported, tmp_path: Path, changes: dict, message: str) -> None:
