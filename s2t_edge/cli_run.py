@@ -15,10 +15,10 @@ import click
 from s2t_edge import store
 from s2t_edge.chat import ChatSession
 from s2t_edge.decode import DecodeStats, Token, decode
-from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
-from s2t_edge.policy import Policy, build_policy
+from s2t_edge.policy import Policy
 from s2t_edge.prompt import ChatTemplate, Message, chat_tokens
+from s2t_edge.runtime import POLICIES, TRIGGERS, Models, build_policy, open_models
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
@@ -41,6 +41,13 @@ _ENGINE_OPTIONS = {
         "--ctx", type=click.IntRange(min=0), default=4096, show_default=True,
         help="Context size in tokens (capped at the model's; 0 = the model's).",
     ),
+    "bundle": click.option(
+        "--bundle", metavar="PATH|none", default=None,
+        help="S2T-LOCAL bundle (folder or .tar; default: the shipped one; 'none' for plain decoding).",
+    ),
+    "teacher": click.option(
+        "--teacher", metavar="NAME|PATH", default=None, help="Teacher model for --policy s2t / takeover.",
+    ),
     "max_tokens": click.option(
         "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
         help="Maximum tokens per answer.",
@@ -60,6 +67,15 @@ _POLICY_OPTIONS = {
         help="Sampling temperature over the top-K (0 = greedy).",
     ),
     "seed": click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs)."),
+    "policy": click.option(
+        "--policy", type=click.Choice(POLICIES), default=None,
+        help="Decoding policy (default: s2t-local with the bundle, else greedy).",
+    ),
+    "trigger": click.option(
+        "--trigger", type=click.Choice(TRIGGERS), default="always", show_default=True,
+        help="Where a teacher selects (s2t / takeover).",
+    ),
+    "threshold": click.option("--threshold", type=float, default=None, help="Threshold of the kl / entropy trigger."),
 }
 
 
@@ -71,6 +87,8 @@ class RunOptions:
     threads: int | None
     gpu_layers: int
     ctx: int
+    bundle: str | None
+    teacher: str | None
     max_tokens: int
     policy_opts: dict[str, Any]
 
@@ -78,14 +96,12 @@ class RunOptions:
     def model_name(self) -> str:
         return self.model or store.default_model("slm")
 
-    def load(self) -> tuple[Engine, Policy]:
-        policy = build_policy(**self.policy_opts)
-        path = store.resolve_model(self.model, role="slm")
-        engine = Engine(
-            path, n_ctx=self.ctx, n_threads=self.threads, n_gpu_layers=self.gpu_layers,
-            hidden=policy.needs_hidden,
-        )
-        return engine, policy
+    def load(self) -> tuple[Models, Policy]:
+        if self.policy_opts.get("policy") in ("s2t", "takeover") and self.teacher is None:
+            self.teacher = store.default_model("teacher")
+        models = open_models(self.model, bundle=self.bundle, teacher=self.teacher, ctx=self.ctx,
+                             threads=self.threads, gpu_layers=self.gpu_layers)
+        return models, build_policy(models, **self.policy_opts)
 
 
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,14 +125,16 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def stream(tokens: Iterator[Token], echo: bool = True) -> tuple[list[Token], bool]:
-    """Consume `tokens`, echoing their text as it comes; returns (tokens, interrupted by Ctrl-C)."""
+def stream(tokens: Iterator[Token], echo: bool = True, flips: bool = False) -> tuple[list[Token], bool]:
+    """Consume `tokens`, echoing their text as it comes (tokens the selector changed highlighted
+    with `flips`); returns (tokens, interrupted by Ctrl-C)."""
     out: list[Token] = []
     try:
         for tok in tokens:
             out.append(tok)
             if echo:
-                click.echo(tok.text, nl=False)  # click.echo flushes
+                text = click.style(tok.text, fg="yellow", underline=True) if flips and tok.flipped else tok.text
+                click.echo(text, nl=False)  # click.echo flushes; styles are dropped when not a tty
     except KeyboardInterrupt:
         return out, True
     finally:
@@ -155,15 +173,17 @@ def _prompt_messages(text: str, system: str | None) -> list[Message]:
 @click.option("--system", metavar="TEXT", help="System message (chat template only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--show-stats", is_flag=True, help="Print a stats line on stderr at the end.")
+@click.option("--show-flips", is_flag=True, help="Highlight tokens the selector changed.")
 @run_options
 def generate(
-    run: RunOptions, prompt: str, raw: bool, system: str | None, as_json: bool, show_stats: bool
+    run: RunOptions, prompt: str, raw: bool, system: str | None, as_json: bool, show_stats: bool, show_flips: bool
 ) -> None:
     """Answer PROMPT (`-` reads stdin) as one chat turn, streaming tokens to stdout."""
     if raw and system:
         raise click.UsageError("--system needs the chat template; drop --raw")
     text = sys.stdin.read() if prompt == "-" else prompt
-    engine, policy = run.load()
+    models, policy = run.load()
+    engine = models.slm
     ids = (
         engine.tokenize(text)
         if raw
@@ -171,7 +191,7 @@ def generate(
     )
     stats = DecodeStats()
     tokens = decode(engine, ids, max_tokens=run.max_tokens, stats=stats, **policy.decode_args())
-    out, interrupted = stream(tokens, echo=not as_json)
+    out, interrupted = stream(tokens, echo=not as_json, flips=show_flips)
     if interrupted:
         stats.finish_reason = "interrupted"
     if as_json:
@@ -180,6 +200,7 @@ def generate(
             "tokens": [t.id for t in out],
             "stats": stats.as_dict(),
             "model": run.model_name,
+            "policy": policy.name,
         }
         click.echo(json.dumps(result))
     else:
@@ -203,12 +224,15 @@ Ctrl-C during an answer stops it; the partial answer stays in the conversation."
 @click.command()
 @click.option("--system", metavar="TEXT", help="System message for the whole session.")
 @click.option("--show-stats", is_flag=True, help="Print a stats line on stderr after each answer.")
+@click.option("--show-flips", is_flag=True, help="Highlight tokens the selector changed.")
 @run_options
-def chat(run: RunOptions, system: str | None, show_stats: bool) -> None:
+def chat(run: RunOptions, system: str | None, show_stats: bool, show_flips: bool) -> None:
     """Chat with the model (type /help for commands); reads lines from stdin when piped."""
-    engine, policy = run.load()
-    session = ChatSession(engine, policy, system=system, max_tokens=run.max_tokens)
-    repl(session, show_stats=show_stats, tty=sys.stdin.isatty())
+    models, policy = run.load()
+    session = ChatSession(models.slm, policy, system=system, max_tokens=run.max_tokens)
+    if sys.stdin.isatty():
+        click.echo(f"{models.slm.path.name} · policy {policy.name}", err=True)
+    repl(session, show_stats=show_stats, tty=sys.stdin.isatty(), flips=show_flips)
 
 
 def _read_line(tty: bool) -> str | None:
@@ -223,7 +247,7 @@ def _read_line(tty: bool) -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
-def repl(session: ChatSession, *, show_stats: bool = False, tty: bool = False) -> None:
+def repl(session: ChatSession, *, show_stats: bool = False, tty: bool = False, flips: bool = False) -> None:
     """Read questions and /commands until /quit or end of input; stream each answer."""
     if tty:
         try:
@@ -265,7 +289,7 @@ def repl(session: ChatSession, *, show_stats: bool = False, tty: bool = False) -
                 click.echo(f"unknown command {cmd}; /help lists the commands")
             continue
         try:
-            _, interrupted = stream(session.send(line))
+            _, interrupted = stream(session.send(line), flips=flips)
         except S2TError as e:  # e.g. the conversation outgrew the context: keep the REPL
             click.echo(f"error: {e}", err=True)
             continue

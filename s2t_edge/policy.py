@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from s2t_edge.errors import S2TError
 from s2t_edge.selector import Greedy, Sample, Selector
 from s2t_edge.trigger import Always, Never, Trigger
 
@@ -30,16 +29,3 @@ def sampling(temperature: float, top_p: float = 1.0, top_k: int = 40, seed: int 
     return Policy(
         "sample", k=top_k, trigger=Always(), selector=Sample(temperature, top_p, top_k, seed)
     )
-
-
-def build_policy(*, k: int = 8, temperature: float = 0.0, seed: int | None = None) -> Policy:
-    """The policy the `generate`/`chat` options describe: greedy at temperature 0, else sampling.
-
-    Every decoding option of the CLI lands here as a keyword; new policies (a selector bundle,
-    a teacher) are added as new keywords in this one place.
-    """
-    if temperature < 0:
-        raise S2TError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if temperature == 0:
-        return greedy(k)
-    return sampling(temperature, top_k=k, seed=seed)

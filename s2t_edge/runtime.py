@@ -78,10 +78,10 @@ def build_policy(models: Models, policy: str | None = None, *, k: int = 8, tempe
     a temperature > 0 samples instead."""
     if policy is None:
         policy = "s2t-local" if models.bundle else "greedy"
-    if temperature > 0:
-        if policy != "greedy" and models.bundle is None:
-            raise S2TError("--temperature > 0 samples; it cannot be combined with a selection policy")
-        return sampling(temperature, seed=seed)
+    if temperature < 0:
+        raise S2TError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature > 0:  # plain sampling over the top-k; selection policies are greedy by nature
+        return sampling(temperature, top_k=k, seed=seed)
     if policy == "greedy":
         return greedy(k)
     if policy == "s2t-local":

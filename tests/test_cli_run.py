@@ -53,7 +53,8 @@ def interrupt_after(n: int, once: bool = False):
 
 def test_generate_json(tiny_gguf: Path) -> None:
     out = generate_json(tiny_gguf)
-    assert set(out) == {"text", "tokens", "stats", "model"}
+    assert set(out) == {"text", "tokens", "stats", "model", "policy"}
+    assert out["policy"] == "greedy"  # the default bundle is for the real SLM, not this model
     assert out["model"] == str(tiny_gguf)
     assert isinstance(out["text"], str) and all(isinstance(t, int) for t in out["tokens"])
     stats = out["stats"]

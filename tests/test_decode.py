@@ -10,7 +10,9 @@ import pytest
 from s2t_edge.candidates import Candidates, Step
 from s2t_edge.decode import DecodeStats, decode
 from s2t_edge.engine import Engine
-from s2t_edge.policy import build_policy, greedy, sampling
+from s2t_edge.errors import S2TError
+from s2t_edge.policy import greedy, sampling
+from s2t_edge.runtime import Models, build_policy
 from s2t_edge.selector import Sample
 from s2t_edge.trigger import Always
 
@@ -118,10 +120,15 @@ def test_sample_top_p_one() -> None:
     assert {s.select(step) for _ in range(300)} <= set(range(40))
 
 
-def test_build_policy() -> None:
-    assert build_policy(k=5).name == "greedy" and build_policy(k=5).k == 5
-    p = build_policy(k=12, temperature=0.7, seed=3)
+def test_build_policy(engine: Engine) -> None:
+    models = Models(engine)  # no bundle, no teacher
+    assert build_policy(models, k=5).name == "greedy" and build_policy(models, k=5).k == 5
+    p = build_policy(models, k=12, temperature=0.7, seed=3)
     assert p.name == "sample" and p.k == 12 and p.selector.temperature == 0.7
+    with pytest.raises(S2TError, match="temperature"):
+        build_policy(models, temperature=-1)
+    with pytest.raises(S2TError, match="needs a bundle"):
+        build_policy(models, "s2t-local")
 
 
 def test_max_tokens(engine: Engine) -> None:
