@@ -18,9 +18,8 @@ from s2t_edge.bundle import (
     fingerprint,
     load_bundle,
 )
-from s2t_edge.engine import check_gguf
 from s2t_edge.errors import S2TError
-from s2t_edge.store import sha256_file
+from s2t_edge.store import check_gguf_file, sha256_file
 
 from ..train.data import output_embedding
 from ..train.train import load_checkpoint
@@ -58,7 +57,7 @@ def _place_gguf(src: Path, dst: Path) -> None:
 def export_bundle(slm: Path, ckpt_path: Path, out: Path, *, archive: bool = False, quantize: str | None = None,
                   include_gguf: bool = True, slm_name: str | None = None) -> Path:
     """Write the bundle folder `out` (and `out.tar` with `archive`); returns the bundle's path."""
-    check_gguf(slm)
+    check_gguf_file(slm)
     model, ckpt = load_checkpoint(ckpt_path)
     report = ckpt["report"]
     out.mkdir(parents=True, exist_ok=True)

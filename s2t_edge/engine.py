@@ -17,6 +17,7 @@ import llama_cpp
 import numpy as np
 
 from s2t_edge.errors import S2TError
+from s2t_edge.store import check_gguf_file
 
 _backend_ready = False
 
@@ -45,20 +46,6 @@ def default_threads() -> int:
     return max(1, min(n, 8))
 
 
-def check_gguf(path: str | Path) -> Path:
-    """Refuse a missing, empty, truncated-header or non-GGUF file with an actionable message."""
-    p = Path(path)
-    if not p.is_file():
-        raise S2TError(f"{p}: no such model file")
-    size = p.stat().st_size
-    if size < 8:
-        raise S2TError(f"{p}: file is truncated ({size} bytes), not a GGUF model")
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise S2TError(f"{p}: not a GGUF file (bad magic)")
-    return p
-
-
 class Engine:
     """One GGUF model and one llama.cpp context, decoded token by token.
 
@@ -79,7 +66,7 @@ class Engine:
         n_batch: int = 512,
     ) -> None:
         _init_backend()
-        self.path = check_gguf(model_path)
+        self.path = check_gguf_file(model_path)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # Extra CPU buffer types (AMX / repacked weights) are off by default: the AMX kernels

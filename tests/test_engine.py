@@ -131,7 +131,7 @@ def test_score_across_batches(tiny_gguf: Path, engine: Engine) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "no such model file"), (b"", "truncated"), (b"GGML" + bytes(64), "bad magic")],
+    [(None, "no such file"), (b"", "truncated"), (b"GGML" + bytes(64), "bad magic")],
 )
 def test_bad_files_refused(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "model.gguf"
