@@ -21,7 +21,8 @@ def _need_training_extra():
 
 @click.command()
 @click.option("--slm", default=None, help="SLM registry name or .gguf path (default: the default SLM).")
-@click.option("--teacher", default=None, help="Teacher registry name or .gguf path (default: the registry's teacher).")
+@click.option("--teacher", default=None, help="Teacher registry name, .gguf path, or Hugging Face model directory "
+              "(run by transformers, GPU when present; needs the train extra).")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="JSONL problems (GSM8K format).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Groups directory (resumable).")
 @click.option("--limit", type=int, default=None, help="First N problems only.")
@@ -38,7 +39,9 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
     from s2t_edge.collect import collect as run
     from s2t_edge.store import resolve_model
 
-    m = run(resolve_model(slm), resolve_model(teacher, role="teacher"), data, out, limit=limit, k=k, mode=mode,
+    # a directory is a Hugging Face teacher (run by transformers), passed through unchanged
+    teacher_path = Path(teacher) if teacher and Path(teacher).is_dir() else resolve_model(teacher, role="teacher")
+    m = run(resolve_model(slm), teacher_path, data, out, limit=limit, k=k, mode=mode,
             max_tokens=max_tokens, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, skip_bad=skip_bad)
     click.echo(f"{m['problems']} problems, {m['positions']} positions, SLM accuracy "
                f"{m['correct'] / max(m['problems'], 1):.1%} → {out}")

@@ -93,6 +93,28 @@ def label_problem(
     return arrays, meta
 
 
+def _teacher_sha256(path: Path) -> str:
+    """sha256 of a GGUF teacher, or of a Hugging Face model directory's weight files."""
+    if path.is_dir():
+        from s2t_edge.train.hf_teacher import weights_sha256  # no torch import
+
+        return weights_sha256(path)
+    return sha256_file(path)
+
+
+def _open_teacher(path: Path, slm: Engine, *, n_ctx: int, threads: int | None, gpu_layers: int):
+    """A GGUF teacher through llama.cpp, or a Hugging Face model directory through transformers."""
+    if path.is_dir():
+        from s2t_edge.train.hf_teacher import HFTeacher, check_tokenizer_matches  # torch only here
+
+        hf = HFTeacher(path, n_vocab=slm.n_vocab, n_ctx=n_ctx, threads=threads)
+        check_tokenizer_matches(slm, hf)
+        return hf
+    teacher = Engine(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    check_same_vocab(slm, teacher)
+    return teacher
+
+
 def collect(
     slm_path: Path, teacher_path: Path, data: Path, out_dir: Path, *, limit: int | None = None,
     k: int = 16, mode: str = "greedy", max_tokens: int = 400, n_ctx: int = 4096,
@@ -105,7 +127,7 @@ def collect(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "slm": slm_path.name, "slm_sha256": sha256_file(slm_path), "teacher": teacher_path.name,
-        "teacher_sha256": sha256_file(teacher_path), "k": k, "mode": mode, "max_tokens": max_tokens,
+        "teacher_sha256": _teacher_sha256(teacher_path), "k": k, "mode": mode, "max_tokens": max_tokens,
         "n_ctx": n_ctx, "data": str(data),
     }
     old = read_manifest(out_dir)
@@ -114,8 +136,7 @@ def collect(
         if diff:
             raise S2TError(f"{out_dir} holds groups collected with other settings ({', '.join(diff)}); use another --out")
     slm = Engine(slm_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=True)
-    teacher = Engine(teacher_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-    check_same_vocab(slm, teacher)
+    teacher = _open_teacher(teacher_path, slm, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
     template = ChatTemplate(slm)
     todo = [p for p in problems if not (out_dir / shard_name(p.id)).exists()]
     # counts come from the shards on disk (cheap: only their metadata is read), so a crash
