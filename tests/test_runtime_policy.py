@@ -323,3 +323,15 @@ def test_cli_bundle_inspect(bundle_dir: Path, tmp_path: Path, monkeypatch: pytes
     (bad / MANIFEST).write_text(json.dumps({**load_bundle(bundle_dir).manifest, "format_version": 99}))
     r = CliRunner().invoke(main, ["bundle", "inspect", str(bad)])
     assert r.exit_code == 1 and "newer" in r.stderr and "verified" not in r.stdout
+
+
+def test_cli_generate_show_flips(always_bundle: Path, tiny_gguf: Path) -> None:
+    """With a bundle whose trigger always fires, generate reports flips and highlights them."""
+    from s2t_edge.cli import main
+
+    args = ["generate", PROMPT, "--model", str(tiny_gguf), "--bundle", str(always_bundle), "--max-tokens", "6"]
+    out = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert out["policy"] == "s2t-local" and out["stats"]["triggers"] == out["stats"]["steps"]
+    flips = out["stats"]["flips"]
+    shown = CliRunner().invoke(main, [*args, "--show-flips"], color=True).output
+    assert flips > 0 and "\x1b[" in shown

@@ -30,6 +30,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     kl_weight: float = 1.0
     trigger_weight: float = 1.0
+    divergent_weight: float = 1.0  # weight of divergence points in the selection loss (others: 1)
     seed: int = 0
 
 
@@ -116,9 +117,11 @@ def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg:
         for idx in np.array_split(rng.permutation(len(tr)), steps_per_epoch):
             scores, trig = model(*_inputs(model, tr, emb, idx))
             logp = torch.log_softmax(scores, -1)
-            loss = (F.cross_entropy(scores, target[idx])
-                    + cfg.kl_weight * F.kl_div(logp, soft[idx], reduction="batchmean")
-                    + cfg.trigger_weight * F.binary_cross_entropy_with_logits(trig, diverge[idx], pos_weight=pos_weight))
+            w = 1 + (cfg.divergent_weight - 1) * diverge[idx]  # selection matters most where they diverge
+            sel = F.cross_entropy(scores, target[idx], reduction="none") + cfg.kl_weight * (
+                soft[idx] * (soft[idx].clamp_min(1e-9).log() - logp)).sum(-1)
+            trig_loss = F.binary_cross_entropy_with_logits(trig, diverge[idx], pos_weight=pos_weight)
+            loss = (w * sel).sum() / w.sum() + cfg.trigger_weight * trig_loss
             opt.zero_grad()
             loss.backward()
             opt.step()
