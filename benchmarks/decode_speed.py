@@ -65,7 +65,7 @@ def main() -> None:
     ref = reference_llama(path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, n_batch=512)
     plain = Engine(path, n_ctx=args.ctx, n_threads=args.threads)
     hidden = Engine(path, n_ctx=args.ctx, n_threads=args.threads, hidden=True)
-    sel = S2TLocal(OnnxReranker(bundle.onnx_path), bundle.threshold)
+    sel = S2TLocal(OnnxReranker(bundle.onnx_path), bundle.threshold, bundle.select_rule)
     s2t_local = Policy("s2t-local", k=bundle.k, trigger=sel, selector=sel, needs_hidden=True)
     prompts = [plain.tokenize(p) for p in PROMPTS]
 

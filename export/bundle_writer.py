@@ -89,6 +89,7 @@ def export_bundle(slm: Path, ckpt_path: Path, out: Path, *, archive: bool = Fals
         "feature_version": FEATURE_VERSION,
         "k": model.k,
         "threshold": report["threshold"],
+        "select_rule": report.get("rule", "best"),
         "slm": {"name": slm_name or gguf.stem, "sha256": sha, "fingerprint": fingerprint(gguf),
                 "size": gguf.stat().st_size, "vocab_size": int(emb.shape[0]), "n_embd": int(emb.shape[1]),
                 "bundled_file": bundled},

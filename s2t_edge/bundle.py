@@ -60,6 +60,11 @@ class Bundle:
     def threshold(self) -> float:
         return float(self.manifest["threshold"])
 
+    @property
+    def select_rule(self) -> str:
+        """Where the trigger fires: "best" scored candidate, or best "alternative" to the top-1."""
+        return self.manifest.get("select_rule", "best")
+
     def check_slm(self, gguf_path: str | Path, n_vocab: int) -> None:
         """Refuse to run this reranker on a GGUF other than the one it was trained for."""
         slm = self.manifest["slm"]

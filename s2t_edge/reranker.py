@@ -46,12 +46,15 @@ class OnnxReranker:
 
 class S2TLocal:
     """Trigger and selector in one: fire where the reranker's trigger probability reaches the
-    bundle's threshold, then take the best-scored candidate. One ONNX call per step."""
+    bundle's threshold, then take the best-scored candidate (rule "best") or the best-scored
+    candidate other than the SLM's top-1 (rule "alternative"). One ONNX call per step."""
 
     name = "s2t-local"
 
-    def __init__(self, reranker: OnnxReranker, threshold: float) -> None:
-        self.reranker, self.threshold = reranker, threshold
+    def __init__(self, reranker: OnnxReranker, threshold: float, rule: str = "best") -> None:
+        if rule not in ("best", "alternative"):
+            raise S2TError(f"unknown selection rule {rule!r} in the bundle")
+        self.reranker, self.threshold, self.first = reranker, threshold, 0 if rule == "best" else 1
         self._scores: np.ndarray | None = None
 
     def fires(self, step: Step) -> bool:
@@ -62,4 +65,4 @@ class S2TLocal:
         return trig >= self.threshold
 
     def select(self, step: Step) -> int:
-        return int(step.cands.ids[int(np.argmax(self._scores))])
+        return int(step.cands.ids[self.first + int(np.argmax(self._scores[self.first :]))])

@@ -87,7 +87,7 @@ def build_policy(models: Models, policy: str | None = None, *, k: int = 8, tempe
     if policy == "s2t-local":
         if models.bundle is None:
             raise S2TError("policy s2t-local needs a bundle (--bundle PATH, or the default bundle)")
-        sel = S2TLocal(OnnxReranker(models.bundle.onnx_path), models.bundle.threshold)
+        sel = S2TLocal(OnnxReranker(models.bundle.onnx_path), models.bundle.threshold, models.bundle.select_rule)
         return Policy("s2t-local", k=models.bundle.k, trigger=sel, selector=sel, needs_hidden=True)
     if policy in ("s2t", "takeover"):
         if models.teacher is None:

@@ -51,6 +51,7 @@ def always_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) ->
     shutil.copytree(bundle_dir, root)
     m = json.loads((root / MANIFEST).read_text())
     m["threshold"] = 0.0
+    m["select_rule"] = "best"
     (root / MANIFEST).write_text(json.dumps(m))
     return root
 
@@ -335,3 +336,21 @@ def test_cli_generate_show_flips(always_bundle: Path, tiny_gguf: Path) -> None:
     flips = out["stats"]["flips"]
     shown = CliRunner().invoke(main, [*args, "--show-flips"], color=True).output
     assert flips > 0 and "\x1b[" in shown
+
+
+def test_alternative_rule_always_flips(always_bundle: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """Rule "alternative": where the trigger fires the selector never keeps the SLM's top-1."""
+    import shutil
+
+    root = tmp_path / "bundle"
+    shutil.copytree(always_bundle, root)
+    m = json.loads((root / MANIFEST).read_text())
+    m["select_rule"] = "alternative"
+    (root / MANIFEST).write_text(json.dumps(m))
+    models = open_tiny(tiny_gguf, root)
+    try:
+        policy = build_policy(models)
+        toks = list(decode(models.slm, models.slm.tokenize(PROMPT), max_tokens=MAX_TOKENS, **policy.decode_args()))
+        assert toks and all(t.flipped for t in toks)
+    finally:
+        models.close()

@@ -53,9 +53,17 @@ def predict(model: Reranker, g: Groups, emb: np.ndarray | None, batch: int = 204
     return np.concatenate(scores), np.concatenate(trig)
 
 
-def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: float) -> dict:
-    """How the full selection policy (flip to the best-scored candidate where the trigger fires) does."""
-    best = scores.argmax(1)
+RULES = ("best", "alternative")  # where the trigger fires: best-scored candidate, or best non-top-1
+
+
+def choose(scores: np.ndarray, rule: str) -> np.ndarray:
+    """Candidate index the selector takes at a fired step, per row."""
+    return scores.argmax(1) if rule == "best" else 1 + scores[:, 1:].argmax(1)
+
+
+def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: float, rule: str = "best") -> dict:
+    """How the full selection policy (where the trigger fires, take `choose(rule)`) does."""
+    best = choose(scores, rule)
     fire = trig >= threshold
     choice = np.where(fire, best, 0)
     chosen_ids = g.ids[np.arange(len(g)), choice]
@@ -76,17 +84,19 @@ def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: f
         "trigger_precision": float(div[fire].mean()) if fire.any() else None,
         "trigger_recall": float(fire[div].mean()) if div.any() else None,
         "threshold": float(threshold),
+        "rule": rule,
     }
 
 
-def pick_threshold(g: Groups, scores: np.ndarray, trig: np.ndarray) -> float:
-    """The trigger threshold with the best teacher agreement on validation problems.
+def pick_threshold(g: Groups, scores: np.ndarray, trig: np.ndarray) -> tuple[float, str]:
+    """The (trigger threshold, selection rule) with the best teacher agreement on validation problems.
 
     Thresholds run over quantiles of the trigger probability; 1.01 (never fire) is a candidate,
     so a reranker that cannot beat greedy turns itself off instead of making things worse.
     """
     cands = [1.01] + sorted(set(np.quantile(trig, np.linspace(0.5, 0.999, 60)).tolist()))
-    return max(cands, key=lambda t: (policy_metrics(g, scores, trig, t)["agreement"], t))
+    return max(((t, r) for t in cands for r in RULES),
+               key=lambda tr: (policy_metrics(g, scores, trig, *tr)["agreement"], tr[0]))
 
 
 def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg: TrainConfig | None = None,
@@ -128,17 +138,18 @@ def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg:
             sched.step()
             bar.update(note=f"epoch {epoch + 1} loss {loss.item():.3f}")
         sc, trg = predict(model, va, emb)
-        thr = pick_threshold(va, sc, trg)
-        m = policy_metrics(va, sc, trg, thr)
+        thr, rule = pick_threshold(va, sc, trg)
+        m = policy_metrics(va, sc, trg, thr, rule)
         if best is None or m["agreement"] > best[0]:
-            best = (m["agreement"], {"state": {k: v.clone() for k, v in model.state_dict().items()}, "epoch": epoch + 1, "threshold": thr, "val": m})
+            best = (m["agreement"], {"state": {k: v.clone() for k, v in model.state_dict().items()}, "epoch": epoch + 1, "threshold": thr, "rule": rule,
+                    "val": m})
     bar.close()
     model.load_state_dict(best[1]["state"])
     sc, trg = predict(model, te, emb)
-    test = policy_metrics(te, sc, trg, best[1]["threshold"])
+    test = policy_metrics(te, sc, trg, best[1]["threshold"], best[1]["rule"])
     report = {
         "config": asdict(cfg), "feature_version": FEATURE_VERSION, "epoch": best[1]["epoch"],
-        "threshold": best[1]["threshold"], "val": best[1]["val"], "test": test,
+        "threshold": best[1]["threshold"], "rule": best[1]["rule"], "val": best[1]["val"], "test": test,
         "problems": {"train": len(tr_p), "val": len(va_p), "test": len(te_p)},
         "positions": {"train": len(tr), "val": len(va), "test": len(te)},
         "groups": {"dir": str(group_dir), "slm_sha256": manifest.get("slm_sha256"), "teacher": manifest.get("teacher"),
