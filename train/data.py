@@ -73,7 +73,7 @@ def load_groups(group_dir: str | Path, k: int) -> tuple[Groups, dict]:
     return g, manifest
 
 
-def split_problems(n: int, seed: int, val: float = 0.1, test: float = 0.15) -> tuple[set[int], set[int], set[int]]:
+def split_problems(n: int, seed: int, val: float = 0.2, test: float = 0.15) -> tuple[set[int], set[int], set[int]]:
     """Disjoint train / validation / test problem indices (no problem straddles two splits)."""
     order = np.random.default_rng(seed).permutation(n)
     n_test, n_val = max(1, int(n * test)), max(1, int(n * val))

@@ -66,7 +66,8 @@ def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: f
     best = choose(scores, rule)
     fire = trig >= threshold
     choice = np.where(fire, best, 0)
-    chosen_ids = g.ids[np.arange(len(g)), choice]
+    rows = np.arange(len(g))
+    chosen_ids = g.ids[rows, choice]
     div = g.diverges
     agree = ~div
     flips = choice != 0
@@ -74,6 +75,9 @@ def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: f
         "positions": len(g),
         "agreement": float((chosen_ids == g.teacher_top1).mean()),
         "greedy_agreement": float(agree.mean()),
+        # the teacher's probability of the token taken: weighs a strong disagreement more than a near-tie
+        "teacher_prob": float(g.teacher_probs[rows, choice].mean()),
+        "greedy_teacher_prob": float(g.teacher_probs[:, 0].mean()),
         "hit1_at_divergence": float((g.ids[np.arange(len(g)), best] == g.teacher_top1)[div].mean()) if div.any() else None,
         "greedy_hit1_at_divergence": 0.0,
         "flip_rate": float(flips.mean()),
@@ -89,14 +93,17 @@ def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: f
 
 
 def pick_threshold(g: Groups, scores: np.ndarray, trig: np.ndarray) -> tuple[float, str]:
-    """The (trigger threshold, selection rule) with the best teacher agreement on validation problems.
+    """The (trigger threshold, selection rule) that gives the taken tokens the highest mean teacher
+    probability on validation problems.
 
-    Thresholds run over quantiles of the trigger probability; 1.01 (never fire) is a candidate,
-    so a reranker that cannot beat greedy turns itself off instead of making things worse.
+    Teacher probability rather than 0/1 agreement: it is what S2T optimises (the teacher's
+    choice), counts a flip away from a near-tie as nearly neutral, and is far less noisy on a
+    few validation problems. Thresholds run over quantiles of the trigger probability; 1.01
+    (never fire) is a candidate, so a reranker that cannot beat greedy turns itself off.
     """
     cands = [1.01] + sorted(set(np.quantile(trig, np.linspace(0.5, 0.999, 60)).tolist()))
     return max(((t, r) for t in cands for r in RULES),
-               key=lambda tr: (policy_metrics(g, scores, trig, *tr)["agreement"], tr[0]))
+               key=lambda tr: (policy_metrics(g, scores, trig, *tr)["teacher_prob"], tr[0]))
 
 
 def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg: TrainConfig | None = None,
@@ -140,8 +147,8 @@ def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg:
         sc, trg = predict(model, va, emb)
         thr, rule = pick_threshold(va, sc, trg)
         m = policy_metrics(va, sc, trg, thr, rule)
-        if best is None or m["agreement"] > best[0]:
-            best = (m["agreement"], {"state": {k: v.clone() for k, v in model.state_dict().items()}, "epoch": epoch + 1, "threshold": thr, "rule": rule,
+        if best is None or m["teacher_prob"] > best[0]:
+            best = (m["teacher_prob"], {"state": {k: v.clone() for k, v in model.state_dict().items()}, "epoch": epoch + 1, "threshold": thr, "rule": rule,
                     "val": m})
     bar.close()
     model.load_state_dict(best[1]["state"])
