@@ -103,15 +103,27 @@ def test_generate_answers(slm_path: Path) -> None:
 
 
 def test_generate_json_stats(slm_path: Path) -> None:
-    r = run_cli(slm_path, "generate", "--json", "--max-tokens", "12", "Say hello.")
+    r = run_cli(slm_path, "generate", "--json", "--bundle", "none", "--max-tokens", "12", "Say hello.")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["policy"] == "greedy"
     stats = out["stats"]
     assert 0 < stats["steps"] <= 12 and stats["tokens_per_s"] > 0
     assert stats["prompt_tokens"] > 5 and stats["finish_reason"] in ("stop", "length")
     assert stats["triggers"] == stats["flips"] == 0  # greedy
     assert out["text"].strip() and len(out["tokens"]) in (stats["steps"], stats["steps"] - 1)
     assert out["model"] == str(slm_path)
+
+
+def test_default_bundle_runs_s2t_local(slm_path: Path) -> None:
+    """The shipped bundle is verified against the real SLM and reranks as it decodes."""
+    r = run_cli(slm_path, "generate", "--json", "--max-tokens", "48",
+                "Natalia sold 48 clips in April and half as many in May. How many in total?")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    stats = out["stats"]
+    assert out["policy"] == "s2t-local" and stats["steps"] > 0
+    assert 0 <= stats["flips"] <= stats["triggers"] <= stats["steps"]
 
 
 def test_chat_two_turns(slm_path: Path) -> None:
