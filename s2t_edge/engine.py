@@ -46,6 +46,19 @@ def default_threads() -> int:
     return max(1, min(n, 8))
 
 
+def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading `tokens` a cache holding `cached` can keep: the common prefix, less one
+    when it covers all of `tokens` (the last token must be decoded again to get its logits)."""
+    if not tokens:
+        raise S2TError("empty prompt")
+    common = 0
+    for a, b in zip(cached, tokens):
+        if a != b:
+            break
+        common += 1
+    return min(common, len(tokens) - 1)
+
+
 class Engine:
     """One GGUF model and one llama.cpp context, decoded token by token.
 
@@ -178,14 +191,7 @@ class Engine:
         Returns the last position's logits. Multi-turn chat and a teacher catching up with the
         accepted tokens both go through here, so only the new suffix is ever decoded.
         """
-        if not tokens:
-            raise S2TError("empty prompt")
-        common = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # decode at least one token to get its logits
+        common = reusable_prefix(self.tokens, tokens)
         # Trim even when `self.tokens` is all common: a decode interrupted by Ctrl-C after
         # llama_decode but before `self.tokens` was updated leaves extra cells in the cache.
         llama_cpp.llama_memory_seq_rm(self._mem, 0, common, -1)

@@ -3,7 +3,6 @@ policy that combines them. `generate`, `chat` and `eval` all go through here."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +32,13 @@ class Models:
 
 
 def default_bundle_for(slm_path: Path, explicit_model: bool) -> Bundle | None:
-    """The shipped default bundle, unless the user picked a model it was not built for."""
+    """The shipped default bundle, unless the user picked a model it was not built for (then
+    decoding is plain, silently: they did not ask for a reranker; `chat` shows the policy)."""
     path = default_bundle_path()
     if path is None:
         return None
     b = load_bundle(path)
     if explicit_model and b.manifest["slm"]["size"] != slm_path.stat().st_size:
-        print(f"note: the default S2T-LOCAL bundle is for {b.manifest['slm']['name']}; "
-              f"decoding {slm_path.name} without it", file=sys.stderr)
         return None
     return b
 

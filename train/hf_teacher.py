@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from s2t_edge.engine import reusable_prefix
 from s2t_edge.errors import S2TError
 from s2t_edge.store import sha256_file
 
@@ -168,15 +169,8 @@ class HFTeacher:
 
     def load(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits after `tokens`, reusing the cached common prefix (like `Engine.load`)."""
-        if not tokens:
-            raise S2TError("empty prompt")
+        common = reusable_prefix(self.tokens, tokens)
         self._check_room(len(tokens))
-        common = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # run at least one token to get its logits
         if self._past is not None and 0 < common < len(self.tokens):
             try:  # a negative count means "drop that many" in every transformers version
                 self._past.crop(common - len(self.tokens))
