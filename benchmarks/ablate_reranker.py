@@ -5,6 +5,7 @@
 Same split (seed 0), same training recipe; only the inputs / size change. Prints one JSON line
 per variant (val = threshold and checkpoint selection, test = reported).
 """
+
 import json
 import sys
 import tempfile
@@ -27,10 +28,31 @@ variants = {
 }
 for name, cfg in variants.items():
     t = time.time()
-    r = train(groups, f'{tempfile.gettempdir()}/ablate/{name.replace(" ", "_")}', slm, cfg, progress=False)
-    te, va = r['test'], r['val']
-    print(json.dumps({"variant": name, "val_agree": round(va['agreement'], 4), "val_greedy": round(va['greedy_agreement'], 4),
-                      "test_agree": round(te['agreement'], 4), "test_greedy": round(te['greedy_agreement'], 4),
-                      "val_tp": round(va['teacher_prob'], 4), "val_tp_greedy": round(va['greedy_teacher_prob'], 4), "test_tp": round(te['teacher_prob'], 4), "test_tp_greedy": round(te['greedy_teacher_prob'], 4), "test_hit1_div": round(te['hit1_at_divergence'] or 0, 3), "test_false_flip": te['false_flip_rate'],
-                      "good": te['good_flips'], "bad": te['bad_flips'], "thr": round(r['threshold'], 3), "rule": r['rule'], "epoch": r['epoch'],
-                      "P": te['trigger_precision'], "R": te['trigger_recall'], "sec": round(time.time() - t)}), flush=True)
+    r = train(groups, f"{tempfile.gettempdir()}/ablate/{name.replace(' ', '_')}", slm, cfg, progress=False)
+    te, va = r["test"], r["val"]
+    print(
+        json.dumps(
+            {
+                "variant": name,
+                "val_agree": round(va["agreement"], 4),
+                "val_greedy": round(va["greedy_agreement"], 4),
+                "test_agree": round(te["agreement"], 4),
+                "test_greedy": round(te["greedy_agreement"], 4),
+                "val_tp": round(va["teacher_prob"], 4),
+                "val_tp_greedy": round(va["greedy_teacher_prob"], 4),
+                "test_tp": round(te["teacher_prob"], 4),
+                "test_tp_greedy": round(te["greedy_teacher_prob"], 4),
+                "test_hit1_div": round(te["hit1_at_divergence"] or 0, 3),
+                "test_false_flip": te["false_flip_rate"],
+                "good": te["good_flips"],
+                "bad": te["bad_flips"],
+                "thr": round(r["threshold"], 3),
+                "rule": r["rule"],
+                "epoch": r["epoch"],
+                "P": te["trigger_precision"],
+                "R": te["trigger_recall"],
+                "sec": round(time.time() - t),
+            }
+        ),
+        flush=True,
+    )

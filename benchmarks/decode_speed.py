@@ -79,7 +79,12 @@ def main() -> None:
         run_ours(hidden, toks, 4, greedy())
         run_ours(hidden, toks, 4, s2t_local)
 
-    rates: dict[str, list[float]] = {"llama-cpp-python": [], "ours greedy": [], "ours greedy + hidden": [], "ours s2t-local": []}
+    rates: dict[str, list[float]] = {
+        "llama-cpp-python": [],
+        "ours greedy": [],
+        "ours greedy + hidden": [],
+        "ours s2t-local": [],
+    }
     for _ in range(args.rounds):
         for toks in prompts:
             rates["llama-cpp-python"].append(ref_run(toks))
@@ -88,7 +93,10 @@ def main() -> None:
             rates["ours s2t-local"].append(run_ours(hidden, toks, args.tokens, s2t_local))
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["llama-cpp-python"]
-    print(f"model {path.name}, threads {args.threads}, {args.tokens} tokens x {len(prompts)} prompts x {args.rounds} rounds")
+    print(
+        f"model {path.name}, threads {args.threads}, "
+        f"{args.tokens} tokens x {len(prompts)} prompts x {args.rounds} rounds"
+    )
     for k, v in med.items():
         print(f"  {k:<22} {v:6.1f} tok/s   ratio {v / base:.3f}")
     print(f"  s2t-local / ours greedy ratio {med['ours s2t-local'] / med['ours greedy']:.3f}")

@@ -50,13 +50,17 @@ def main() -> None:
         t2 = time.perf_counter()
         par_tokens = sum(len(o) for o in outs)
         rows.append((t1 - t0, t2 - t1, par_tokens, seq_tokens))
-        print(f"{p.id}: parallel {t1 - t0:6.1f}s ({par_tokens} tok, {par_tokens / (t1 - t0):.1f} tok/s)  "
-              f"sequential {t2 - t1:6.1f}s ({seq_tokens} tok, {seq_tokens / (t2 - t1):.1f} tok/s)")
+        print(
+            f"{p.id}: parallel {t1 - t0:6.1f}s ({par_tokens} tok, {par_tokens / (t1 - t0):.1f} tok/s)  "
+            f"sequential {t2 - t1:6.1f}s ({seq_tokens} tok, {seq_tokens / (t2 - t1):.1f} tok/s)"
+        )
     par_rate = statistics.median(r[2] / r[0] for r in rows)
     seq_rate = statistics.median(r[3] / r[1] for r in rows)
-    print(f"maj@{args.n} on {len(rows)} problems, max {args.max_tokens} tokens, threads {args.threads}: "
-          f"median throughput parallel {par_rate:.1f} tok/s vs sequential {seq_rate:.1f} tok/s "
-          f"= {par_rate / seq_rate:.2f}x")
+    print(
+        f"maj@{args.n} on {len(rows)} problems, max {args.max_tokens} tokens, threads {args.threads}: "
+        f"median throughput parallel {par_rate:.1f} tok/s vs sequential {seq_rate:.1f} tok/s "
+        f"= {par_rate / seq_rate:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Latency of one S2T-LOCAL reranker call (onnxruntime, one thread), as the decode loop makes it.
 
-    python benchmarks/reranker_latency.py [BUNDLE]   # default: the shipped bundle
+python benchmarks/reranker_latency.py [BUNDLE]   # default: the shipped bundle
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     times.sort()
     size = bundle.onnx_path.stat().st_size / 1e6
-    print(f"reranker.onnx {size:.1f} MB, K={rr.k}: median {statistics.median(times) * 1e6:.1f} us, "
-          f"p90 {times[int(0.9 * len(times))] * 1e6:.1f} us, p99 {times[int(0.99 * len(times))] * 1e6:.1f} us (5000 calls)")
+    print(
+        f"reranker.onnx {size:.1f} MB, K={rr.k}: median {statistics.median(times) * 1e6:.1f} us, "
+        f"p90 {times[int(0.9 * len(times))] * 1e6:.1f} us, "
+        f"p99 {times[int(0.99 * len(times))] * 1e6:.1f} us (5000 calls)"
+    )
 
 
 if __name__ == "__main__":

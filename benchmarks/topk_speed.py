@@ -1,6 +1,6 @@
 """Top-K over a 151,936-id vocabulary: our exact subsample-bound top-k vs plain argpartition.
 
-    python benchmarks/topk_speed.py [--k 8] [--model PATH]   # real logits from the SLM when --model is given
+python benchmarks/topk_speed.py [--k 8] [--model PATH]   # real logits from the SLM when --model is given
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="take logits from this model (default: random logits)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    rows = real_logits(args.model) if args.model else [(rng.standard_normal(151936) * 3).astype(np.float32) for _ in range(16)]
+    rows = (
+        real_logits(args.model)
+        if args.model
+        else [(rng.standard_normal(151936) * 3).astype(np.float32) for _ in range(16)]
+    )
     for x in rows:
         assert (top_k(x, args.k) == argpartition_topk(x, args.k)).all() or len(set(x[top_k(x, args.k)])) < args.k
     a, b = bench(argpartition_topk, rows, args.k), bench(top_k, rows, args.k)
@@ -55,7 +59,10 @@ def main() -> None:
     a2, b2 = bench(argpartition_topk, rows, args.k), bench(top_k, rows, args.k)
     print(f"k={args.k} over {rows[0].shape[0]} ids ({'real SLM logits' if args.model else 'random logits'}):")
     print(f"  argpartition + sort  {statistics.median([a, a2]):7.1f} us")
-    print(f"  s2t_edge top_k       {statistics.median([b, b2]):7.1f} us   speed-up {statistics.median([a, a2]) / statistics.median([b, b2]):.1f}x")
+    print(
+        f"  s2t_edge top_k       {statistics.median([b, b2]):7.1f} us   "
+        f"speed-up {statistics.median([a, a2]) / statistics.median([b, b2]):.1f}x"
+    )
 
 
 if __name__ == "__main__":

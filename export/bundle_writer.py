@@ -54,8 +54,16 @@ def _place_gguf(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def export_bundle(slm: Path, ckpt_path: Path, out: Path, *, archive: bool = False, quantize: str | None = None,
-                  include_gguf: bool = True, slm_name: str | None = None) -> Path:
+def export_bundle(
+    slm: Path,
+    ckpt_path: Path,
+    out: Path,
+    *,
+    archive: bool = False,
+    quantize: str | None = None,
+    include_gguf: bool = True,
+    slm_name: str | None = None,
+) -> Path:
     """Write the bundle folder `out` (and `out.tar` with `archive`); returns the bundle's path."""
     check_gguf_file(slm)
     model, ckpt = load_checkpoint(ckpt_path)
@@ -69,8 +77,10 @@ def export_bundle(slm: Path, ckpt_path: Path, out: Path, *, archive: bool = Fals
         raise S2TError(f"reranker was trained on hidden size {ckpt['n_embd']}, {gguf.name} has {emb.shape[1]}")
     sha = sha256_file(gguf)
     if report["groups"].get("slm_sha256") and not quantize and report["groups"]["slm_sha256"] != sha:
-        raise S2TError(f"reranker was trained on groups from another SLM (sha256 {report['groups']['slm_sha256'][:12]}…), "
-                       f"not {gguf.name}")
+        raise S2TError(
+            f"reranker was trained on groups from another SLM (sha256 {report['groups']['slm_sha256'][:12]}…), "
+            f"not {gguf.name}"
+        )
     shipped = Shipped(model, emb if model.use_tokens else None)
     onnx_path = export_onnx(shipped, out / ONNX_NAME)
     inputs = ckpt["parity_inputs"]
@@ -90,16 +100,31 @@ def export_bundle(slm: Path, ckpt_path: Path, out: Path, *, archive: bool = Fals
         "k": model.k,
         "threshold": report["threshold"],
         "select_rule": report.get("rule", "best"),
-        "slm": {"name": slm_name or gguf.stem, "sha256": sha, "fingerprint": fingerprint(gguf),
-                "size": gguf.stat().st_size, "vocab_size": int(emb.shape[0]), "n_embd": int(emb.shape[1]),
-                "bundled_file": bundled},
+        "slm": {
+            "name": slm_name or gguf.stem,
+            "sha256": sha,
+            "fingerprint": fingerprint(gguf),
+            "size": gguf.stat().st_size,
+            "vocab_size": int(emb.shape[0]),
+            "n_embd": int(emb.shape[1]),
+            "bundled_file": bundled,
+        },
         "onnx_sha256": sha256_file(onnx_path),
         "onnx_opset": OPSET,
         "onnx_parity_max_abs_diff": worst,
-        "training": {"groups": report["groups"], "config": report["config"], "test": report["test"],
-                     "val": report["val"], "problems": report["problems"]},
-        "packages": {"s2t-edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+        "training": {
+            "groups": report["groups"],
+            "config": report["config"],
+            "test": report["test"],
+            "val": report["val"],
+            "problems": report["problems"],
+        },
+        "packages": {
+            "s2t-edge": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(out)  # the bundle we just wrote must pass our own verification

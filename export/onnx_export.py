@@ -47,8 +47,13 @@ def export_onnx(shipped: Shipped, path: Path) -> Path:
     example = (torch.zeros(1, H), torch.arange(K, dtype=torch.int64).unsqueeze(0), torch.zeros(1, K))
     batch = {0: "batch"}
     torch.onnx.export(
-        shipped.eval(), example, str(path), input_names=["hidden", "ids", "logits"],
-        output_names=["scores", "trigger"], opset_version=OPSET, dynamo=False,
+        shipped.eval(),
+        example,
+        str(path),
+        input_names=["hidden", "ids", "logits"],
+        output_names=["scores", "trigger"],
+        opset_version=OPSET,
+        dynamo=False,
         dynamic_axes={n: batch for n in ("hidden", "ids", "logits", "scores", "trigger")},
     )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
@@ -56,8 +61,7 @@ def export_onnx(shipped: Shipped, path: Path) -> Path:
 
 
 @torch.no_grad()
-def check_parity(shipped: Shipped, onnx_path: Path, hidden: np.ndarray, ids: np.ndarray,
-                 logits: np.ndarray) -> float:
+def check_parity(shipped: Shipped, onnx_path: Path, hidden: np.ndarray, ids: np.ndarray, logits: np.ndarray) -> float:
     """Max abs difference between torch and onnxruntime, one step at a time as the runtime calls
     it; raises S2TError past 1e-4."""
     ref_s, ref_t = shipped(torch.from_numpy(hidden), torch.from_numpy(ids), torch.from_numpy(logits))

@@ -24,8 +24,12 @@ def _load(group_dir: Path) -> dict[str, np.ndarray]:
         top1.append(a["teacher_top1"])
         kl.append(a["kl"])
         ent.append(a["entropy"])
-    return {"ids": np.concatenate(ids), "top1": np.concatenate(top1), "kl": np.concatenate(kl),
-            "entropy": np.concatenate(ent)}
+    return {
+        "ids": np.concatenate(ids),
+        "top1": np.concatenate(top1),
+        "kl": np.concatenate(kl),
+        "entropy": np.concatenate(ent),
+    }
 
 
 def _hits(ids: np.ndarray, top1: np.ndarray) -> dict[str, float | None]:
@@ -33,10 +37,7 @@ def _hits(ids: np.ndarray, top1: np.ndarray) -> dict[str, float | None]:
     if len(top1) == 0:
         return {f"hit@{k}": None for k in KS}
     rank_hit = ids == top1[:, None]  # [N, Kstored]
-    return {
-        f"hit@{k}": float(rank_hit[:, :k].any(axis=1).mean()) if k <= ids.shape[1] else None
-        for k in KS
-    }
+    return {f"hit@{k}": float(rank_hit[:, :k].any(axis=1).mean()) if k <= ids.shape[1] else None for k in KS}
 
 
 def coverage(group_dir: str | Path) -> dict:
@@ -49,7 +50,9 @@ def coverage(group_dir: str | Path) -> dict:
     for q in (1, 5):
         cut = np.quantile(d["kl"], 1 - q / 100)
         rows[f"top{q}%_kl"] = d["kl"] >= cut
-    report["rows"] = {name: {"n": int(mask.sum()), **_hits(d["ids"][mask], d["top1"][mask])} for name, mask in rows.items()}
+    report["rows"] = {
+        name: {"n": int(mask.sum()), **_hits(d["ids"][mask], d["top1"][mask])} for name, mask in rows.items()
+    }
     edges = np.quantile(d["entropy"][div], [0, 0.25, 0.5, 0.75, 1.0]) if div.any() else np.zeros(5)
     buckets = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -62,8 +65,11 @@ def coverage(group_dir: str | Path) -> dict:
 
 def format_coverage(r: dict) -> str:
     head = f"{'positions':<14}{'n':>8}" + "".join(f"{'hit@' + str(k):>9}" for k in KS)
-    lines = [f"{r['positions']} positions, divergence rate {r['divergence_rate']:.1%} "
-             f"(teacher top-1 != SLM top-1)", "", head]
+    lines = [
+        f"{r['positions']} positions, divergence rate {r['divergence_rate']:.1%} (teacher top-1 != SLM top-1)",
+        "",
+        head,
+    ]
     for name, row in r["rows"].items():
         cells = "".join(f"{row[f'hit@{k}']:>9.3f}" if row[f"hit@{k}"] is not None else f"{'-':>9}" for k in KS)
         lines.append(f"{name:<14}{row['n']:>8}{cells}")

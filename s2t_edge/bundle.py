@@ -69,11 +69,14 @@ class Bundle:
         """Refuse to run this reranker on a GGUF other than the one it was trained for."""
         slm = self.manifest["slm"]
         if n_vocab != slm["vocab_size"]:
-            raise S2TError(f"bundle {self.root} is for a {slm['vocab_size']}-id vocabulary, "
-                           f"{Path(gguf_path).name} has {n_vocab}")
+            raise S2TError(
+                f"bundle {self.root} is for a {slm['vocab_size']}-id vocabulary, {Path(gguf_path).name} has {n_vocab}"
+            )
         if fingerprint(gguf_path) != slm["fingerprint"]:
-            raise S2TError(f"bundle {self.root} was built for {slm['name']} (sha256 {slm['sha256'][:12]}…), "
-                           f"not {Path(gguf_path).name}; use a bundle exported for this model")
+            raise S2TError(
+                f"bundle {self.root} was built for {slm['name']} (sha256 {slm['sha256'][:12]}…), "
+                f"not {Path(gguf_path).name}; use a bundle exported for this model"
+            )
 
 
 def _unpack(archive: Path) -> Path:
@@ -108,11 +111,14 @@ def load_bundle(path: str | Path) -> Bundle:
     if not isinstance(version, int):
         raise S2TError(f"{mpath}: manifest has no integer format_version; not an s2t-edge bundle")
     if version > FORMAT_VERSION:
-        raise S2TError(f"{mpath}: bundle format {version} is newer than this s2t-edge reads "
-                       f"({FORMAT_VERSION}); upgrade s2t-edge")
+        raise S2TError(
+            f"{mpath}: bundle format {version} is newer than this s2t-edge reads ({FORMAT_VERSION}); upgrade s2t-edge"
+        )
     if manifest.get("feature_version") != FEATURE_VERSION:
-        raise S2TError(f"{mpath}: reranker feature version {manifest.get('feature_version')}, "
-                       f"this runtime computes version {FEATURE_VERSION}")
+        raise S2TError(
+            f"{mpath}: reranker feature version {manifest.get('feature_version')}, "
+            f"this runtime computes version {FEATURE_VERSION}"
+        )
     onnx = root / ONNX_NAME
     if not onnx.exists():
         raise S2TError(f"{p}: bundle has no {ONNX_NAME}")

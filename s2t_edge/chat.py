@@ -39,8 +39,10 @@ class ChatSession:
         ids: list[int] = []
         if len(prompt) >= self.engine.n_ctx:
             self.messages.pop()  # a turn that cannot fit is not kept, so the session stays usable
-            raise S2TError(f"context overflow: the conversation is {len(prompt)} tokens, n_ctx is "
-                           f"{self.engine.n_ctx}; /reset the chat or raise --ctx")
+            raise S2TError(
+                f"context overflow: the conversation is {len(prompt)} tokens, n_ctx is "
+                f"{self.engine.n_ctx}; /reset the chat or raise --ctx"
+            )
         try:
             for tok in decode(
                 self.engine, prompt, max_tokens=self.max_tokens, stats=self.last, **self.policy.decode_args()

@@ -12,16 +12,30 @@ from s2t_edge.errors import S2TError
 
 @click.group("eval", invoke_without_command=True)
 @click.option("--data", type=click.Path(path_type=Path), help="JSONL problems (GSM8K format by default).")
-@click.option("--policy", "policies", multiple=True,
-              help="greedy, maj@N, s2t-local, s2t, takeover, teacher (repeat or comma-separate). Default: s2t-local.")
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    help="greedy, maj@N, s2t-local, s2t, takeover, teacher (repeat or comma-separate). Default: s2t-local.",
+)
 @click.option("--limit", type=int, default=None, help="First N problems only.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/eval"), show_default=True,
-              help="Results directory (one sub-folder per policy; rerunning resumes).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs/eval"),
+    show_default=True,
+    help="Results directory (one sub-folder per policy; rerunning resumes).",
+)
 @click.option("--model", default=None, help="SLM registry name or .gguf path.")
 @click.option("--bundle", default=None, help="S2T-LOCAL bundle (default: the shipped one; 'none' for no reranker).")
 @click.option("--teacher", default=None, help="Teacher for s2t / takeover / teacher policies.")
-@click.option("--trigger", type=click.Choice(["always", "kl", "entropy"]), default="always", show_default=True,
-              help="Where the teacher selects (s2t / takeover).")
+@click.option(
+    "--trigger",
+    type=click.Choice(["always", "kl", "entropy"]),
+    default="always",
+    show_default=True,
+    help="Where the teacher selects (s2t / takeover).",
+)
 @click.option("--threshold", type=float, default=None, help="Trigger threshold for kl / entropy.")
 @click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
 @click.option("--max-tokens", type=int, default=512, show_default=True)
@@ -34,8 +48,28 @@ from s2t_edge.errors import S2TError
 @click.option("--gpu-layers", type=int, default=0)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 @click.pass_context
-def eval_group(ctx, data, policies, limit, out, model, bundle, teacher, trigger, threshold, k, max_tokens, seed,
-               question_field, answer_field, skip_bad, n_ctx, threads, gpu_layers, as_json):
+def eval_group(
+    ctx,
+    data,
+    policies,
+    limit,
+    out,
+    model,
+    bundle,
+    teacher,
+    trigger,
+    threshold,
+    k,
+    max_tokens,
+    seed,
+    question_field,
+    answer_field,
+    skip_bad,
+    n_ctx,
+    threads,
+    gpu_layers,
+    as_json,
+):
     """Evaluate decoding policies on a problem set (resumable, one JSONL record per problem)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -51,12 +85,31 @@ def eval_group(ctx, data, policies, limit, out, model, bundle, teacher, trigger,
     if needs_teacher and teacher is None:
         teacher = "qwen2.5-coder-1.5b-instruct-q4_k_m"
     wants_bundle = any(s.name == "s2t-local" for s in specs)
-    models = open_models(model, bundle=bundle if wants_bundle else "none", teacher=teacher, ctx=n_ctx,
-                         threads=threads, gpu_layers=gpu_layers, n_seq=n_seq)
+    models = open_models(
+        model,
+        bundle=bundle if wants_bundle else "none",
+        teacher=teacher,
+        ctx=n_ctx,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        n_seq=n_seq,
+    )
     try:
-        rows = run_eval(models, data, specs, out, limit=limit, k=k, max_tokens=max_tokens, seed=seed, trigger=trigger,
-                        threshold=threshold, question_field=question_field, answer_field=answer_field,
-                        skip_bad=skip_bad)
+        rows = run_eval(
+            models,
+            data,
+            specs,
+            out,
+            limit=limit,
+            k=k,
+            max_tokens=max_tokens,
+            seed=seed,
+            trigger=trigger,
+            threshold=threshold,
+            question_field=question_field,
+            answer_field=answer_field,
+            skip_bad=skip_bad,
+        )
     finally:
         models.close()
     click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))

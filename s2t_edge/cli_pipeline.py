@@ -15,20 +15,30 @@ def _need_training_extra():
         import onnx  # noqa: F401
         import torch  # noqa: F401
     except ImportError as e:
-        raise S2TError("this command needs the training extra: pip install torch==2.13.0 && "
-                       "pip install 's2t-edge[train]'") from e
+        raise S2TError(
+            "this command needs the training extra: pip install torch==2.13.0 && pip install 's2t-edge[train]'"
+        ) from e
 
 
 @click.command()
 @click.option("--slm", default=None, help="SLM registry name or .gguf path (default: the default SLM).")
-@click.option("--teacher", default=None, help="Teacher registry name, .gguf path, or Hugging Face model directory "
-              "(run by transformers, GPU when present; needs the train extra).")
+@click.option(
+    "--teacher",
+    default=None,
+    help="Teacher registry name, .gguf path, or Hugging Face model directory "
+    "(run by transformers, GPU when present; needs the train extra).",
+)
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="JSONL problems (GSM8K format).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Groups directory (resumable).")
 @click.option("--limit", type=int, default=None, help="First N problems only.")
 @click.option("--k", type=click.IntRange(1, 32), default=16, show_default=True)
-@click.option("--mode", type=click.Choice(["greedy", "s2t"]), default="greedy", show_default=True,
-              help="SLM greedy trajectories, or on-policy S2T (teacher selects at every step).")
+@click.option(
+    "--mode",
+    type=click.Choice(["greedy", "s2t"]),
+    default="greedy",
+    show_default=True,
+    help="SLM greedy trajectories, or on-policy S2T (teacher selects at every step).",
+)
 @click.option("--max-tokens", type=int, default=400, show_default=True)
 @click.option("--ctx", type=int, default=4096, show_default=True)
 @click.option("--threads", type=int, default=None)
@@ -41,10 +51,24 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
 
     # a directory is a Hugging Face teacher (run by transformers), passed through unchanged
     teacher_path = Path(teacher) if teacher and Path(teacher).is_dir() else resolve_model(teacher, role="teacher")
-    m = run(resolve_model(slm), teacher_path, data, out, limit=limit, k=k, mode=mode,
-            max_tokens=max_tokens, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, skip_bad=skip_bad)
-    click.echo(f"{m['problems']} problems, {m['positions']} positions, SLM accuracy "
-               f"{m['correct'] / max(m['problems'], 1):.1%} → {out}")
+    m = run(
+        resolve_model(slm),
+        teacher_path,
+        data,
+        out,
+        limit=limit,
+        k=k,
+        mode=mode,
+        max_tokens=max_tokens,
+        n_ctx=ctx,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        skip_bad=skip_bad,
+    )
+    click.echo(
+        f"{m['problems']} problems, {m['positions']} positions, SLM accuracy "
+        f"{m['correct'] / max(m['problems'], 1):.1%} → {out}"
+    )
 
 
 @click.group()
@@ -87,17 +111,21 @@ def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, seed, 
     from s2t_edge.train.train import TrainConfig
     from s2t_edge.train.train import train as run
 
-    cfg = TrainConfig(k=k, epochs=epochs, rank=rank, width=width, use_hidden=not no_hidden,
-                      use_tokens=not no_tokens, seed=seed)
+    cfg = TrainConfig(
+        k=k, epochs=epochs, rank=rank, width=width, use_hidden=not no_hidden, use_tokens=not no_tokens, seed=seed
+    )
     r = run(groups, out, resolve_model(slm), cfg)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
     t = r["test"]
-    click.echo(f"held-out ({r['problems']['test']} problems, {t['positions']} positions): "
-               f"agreement {t['agreement']:.4f} vs greedy {t['greedy_agreement']:.4f}; "
-               f"hit@1 at divergence {t['hit1_at_divergence']:.3f}; false flips {t['false_flip_rate']:.4f}; "
-               f"trigger P/R {t['trigger_precision'] or 0:.2f}/{t['trigger_recall'] or 0:.2f} at threshold {r['threshold']:.3f}")
+    click.echo(
+        f"held-out ({r['problems']['test']} problems, {t['positions']} positions): "
+        f"agreement {t['agreement']:.4f} vs greedy {t['greedy_agreement']:.4f}; "
+        f"hit@1 at divergence {t['hit1_at_divergence']:.3f}; false flips {t['false_flip_rate']:.4f}; "
+        f"trigger P/R {t['trigger_precision'] or 0:.2f}/{t['trigger_recall'] or 0:.2f} "
+        f"at threshold {r['threshold']:.3f} (rule {r['rule']})"
+    )
     click.echo(f"checkpoint → {out / 'reranker.pt'}")
 
 
@@ -106,8 +134,12 @@ def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, seed, 
 @click.option("--reranker", required=True, type=click.Path(path_type=Path), help="reranker.pt from `s2t-edge train`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option("--archive", is_flag=True, help="Also write OUT.tar, one file to copy around.")
-@click.option("--quantize", type=click.Choice(["Q4_K_M", "Q8_0"]), default=None,
-              help="Requantize a higher-precision GGUF through llama.cpp first.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["Q4_K_M", "Q8_0"]),
+    default=None,
+    help="Requantize a higher-precision GGUF through llama.cpp first.",
+)
 @click.option("--no-gguf", is_flag=True, help="Leave the GGUF out (it comes from `s2t-edge models pull`).")
 def export(slm, reranker, out, archive, quantize, no_gguf):
     """Write an S2T-LOCAL bundle: GGUF + verified ONNX reranker + bundle.json."""
@@ -117,7 +149,10 @@ def export(slm, reranker, out, archive, quantize, no_gguf):
 
     path = resolve_model(slm)
     name = next((n for n, e in load_registry().items() if e.file == path.name), None)
-    click.echo(f"bundle → {export_bundle(path, reranker, out, archive=archive, quantize=quantize, include_gguf=not no_gguf, slm_name=name)}")
+    written = export_bundle(
+        path, reranker, out, archive=archive, quantize=quantize, include_gguf=not no_gguf, slm_name=name
+    )
+    click.echo(f"bundle → {written}")
 
 
 @click.group()
@@ -138,11 +173,13 @@ def inspect(path, as_json):
         click.echo(json.dumps(m, indent=2))
         return
     t = m.get("training", {}).get("test", {})
-    click.echo(f"bundle {path} (format {m['format_version']}, features v{m['feature_version']}) — verified\n"
-               f"  SLM        {m['slm']['name']}  sha256 {m['slm']['sha256'][:16]}…  vocab {m['slm']['vocab_size']}"
-               f"  GGUF {'bundled' if m['slm'].get('bundled_file') else 'not bundled (models pull)'}\n"
-               f"  reranker   K={m['k']}  threshold {m['threshold']:.3f}  opset {m['onnx_opset']}  "
-               f"parity {m['onnx_parity_max_abs_diff']:.1e}  {(b.onnx_path.stat().st_size / 1e6):.1f} MB\n"
-               f"  held-out   agreement {t.get('agreement', 0):.4f} vs greedy {t.get('greedy_agreement', 0):.4f}, "
-               f"hit@1 at divergence {t.get('hit1_at_divergence') or 0:.3f}\n"
-               f"  packages   {', '.join(f'{k} {v}' for k, v in m['packages'].items())}")
+    click.echo(
+        f"bundle {path} (format {m['format_version']}, features v{m['feature_version']}) — verified\n"
+        f"  SLM        {m['slm']['name']}  sha256 {m['slm']['sha256'][:16]}…  vocab {m['slm']['vocab_size']}"
+        f"  GGUF {'bundled' if m['slm'].get('bundled_file') else 'not bundled (models pull)'}\n"
+        f"  reranker   K={m['k']}  threshold {m['threshold']:.3f}  opset {m['onnx_opset']}  "
+        f"parity {m['onnx_parity_max_abs_diff']:.1e}  {(b.onnx_path.stat().st_size / 1e6):.1f} MB\n"
+        f"  held-out   agreement {t.get('agreement', 0):.4f} vs greedy {t.get('greedy_agreement', 0):.4f}, "
+        f"hit@1 at divergence {t.get('hit1_at_divergence') or 0:.3f}\n"
+        f"  packages   {', '.join(f'{k} {v}' for k, v in m['packages'].items())}"
+    )

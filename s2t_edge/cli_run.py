@@ -26,30 +26,48 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 _ENGINE_OPTIONS = {
     "model": click.option(
-        "--model", metavar="NAME|PATH", default=None,
+        "--model",
+        metavar="NAME|PATH",
+        default=None,
         help="Registry model name or GGUF file (default: the default SLM, pulled on first use).",
     ),
     "threads": click.option(
-        "--threads", type=click.IntRange(min=1), default=None,
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
         help="CPU threads (default: all cores, at most 8).",
     ),
     "gpu_layers": click.option(
-        "--gpu-layers", type=click.IntRange(min=0), default=0, show_default=True,
+        "--gpu-layers",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
         help="Layers to offload to the GPU (Metal on macOS).",
     ),
     "ctx": click.option(
-        "--ctx", type=click.IntRange(min=0), default=4096, show_default=True,
+        "--ctx",
+        type=click.IntRange(min=0),
+        default=4096,
+        show_default=True,
         help="Context size in tokens (capped at the model's; 0 = the model's).",
     ),
     "bundle": click.option(
-        "--bundle", metavar="PATH|none", default=None,
+        "--bundle",
+        metavar="PATH|none",
+        default=None,
         help="S2T-LOCAL bundle (folder or .tar; default: the shipped one; 'none' for plain decoding).",
     ),
     "teacher": click.option(
-        "--teacher", metavar="NAME|PATH", default=None, help="Teacher model for --policy s2t / takeover.",
+        "--teacher",
+        metavar="NAME|PATH",
+        default=None,
+        help="Teacher model for --policy s2t / takeover.",
     ),
     "max_tokens": click.option(
-        "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=512,
+        show_default=True,
         help="Maximum tokens per answer.",
     ),
 }
@@ -59,20 +77,31 @@ _ENGINE_OPTIONS = {
 # its keyword in build_policy().
 _POLICY_OPTIONS = {
     "k": click.option(
-        "--k", type=click.IntRange(1, 32), default=8, show_default=True,
+        "--k",
+        type=click.IntRange(1, 32),
+        default=8,
+        show_default=True,
         help="Top-K candidates per step.",
     ),
     "temperature": click.option(
-        "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        "--temperature",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
         help="Sampling temperature over the top-K (0 = greedy).",
     ),
     "seed": click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs)."),
     "policy": click.option(
-        "--policy", type=click.Choice(POLICIES), default=None,
+        "--policy",
+        type=click.Choice(POLICIES),
+        default=None,
         help="Decoding policy (default: s2t-local with the bundle, else greedy).",
     ),
     "trigger": click.option(
-        "--trigger", type=click.Choice(TRIGGERS), default="always", show_default=True,
+        "--trigger",
+        type=click.Choice(TRIGGERS),
+        default="always",
+        show_default=True,
         help="Where a teacher selects (s2t / takeover).",
     ),
     "threshold": click.option("--threshold", type=float, default=None, help="Threshold of the kl / entropy trigger."),
@@ -99,8 +128,14 @@ class RunOptions:
     def load(self) -> tuple[Models, Policy]:
         if self.policy_opts.get("policy") in ("s2t", "takeover") and self.teacher is None:
             self.teacher = store.default_model("teacher")
-        models = open_models(self.model, bundle=self.bundle, teacher=self.teacher, ctx=self.ctx,
-                             threads=self.threads, gpu_layers=self.gpu_layers)
+        models = open_models(
+            self.model,
+            bundle=self.bundle,
+            teacher=self.teacher,
+            ctx=self.ctx,
+            threads=self.threads,
+            gpu_layers=self.gpu_layers,
+        )
         return models, build_policy(models, **self.policy_opts)
 
 
@@ -159,9 +194,7 @@ def totals_line(total: DecodeStats, turns: int) -> str:
 
 
 def _prompt_messages(text: str, system: str | None) -> list[Message]:
-    return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}
-    ]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
 
 
 # ---- generate ------------------------------------------------------------------------------
@@ -184,11 +217,7 @@ def generate(
     text = sys.stdin.read() if prompt == "-" else prompt
     models, policy = run.load()
     engine = models.slm
-    ids = (
-        engine.tokenize(text)
-        if raw
-        else chat_tokens(engine, ChatTemplate(engine), _prompt_messages(text, system))
-    )
+    ids = engine.tokenize(text) if raw else chat_tokens(engine, ChatTemplate(engine), _prompt_messages(text, system))
     stats = DecodeStats()
     tokens = decode(engine, ids, max_tokens=run.max_tokens, stats=stats, **policy.decode_args())
     out, interrupted = stream(tokens, echo=not as_json, flips=show_flips)

@@ -48,7 +48,13 @@ def problem_prompt(engine: Engine, template: ChatTemplate, question: str) -> lis
 
 
 def label_problem(
-    slm: Engine, teacher: Engine, template: ChatTemplate, problem: Problem, *, k: int, mode: str,
+    slm: Engine,
+    teacher: Engine,
+    template: ChatTemplate,
+    problem: Problem,
+    *,
+    k: int,
+    mode: str,
     max_tokens: int,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """One problem's shard arrays and metadata."""
@@ -63,9 +69,8 @@ def label_problem(
     rec.steps = rec.steps[:T]
     # Teacher logits at position p predict token p+1: score prompt + traj[:-1] from len(prompt)-1.
     probs, top1, top1p, kl = [], [], [], []
-    for (pos, logits), (ids, slm_logits, _, _, _) in zip(
-        teacher.score(prompt + traj[:-1], len(prompt) - 1), rec.steps
-    ):
+    scored = teacher.score(prompt + traj[:-1], len(prompt) - 1)
+    for (_, logits), (ids, slm_logits, _, _, _) in zip(scored, rec.steps):
         v = teacher_view(logits, ids)
         probs.append(v.probs_on)
         top1.append(v.top1)
@@ -87,8 +92,13 @@ def label_problem(
         "chosen": np.array(traj, np.int32),
     }
     meta = {
-        "gold": problem.gold, "pred": pred, "correct": is_correct(pred, problem.gold),
-        "prompt_tokens": len(prompt), "tokens": T, "finish_reason": stats.finish_reason, "text": text,
+        "gold": problem.gold,
+        "pred": pred,
+        "correct": is_correct(pred, problem.gold),
+        "prompt_tokens": len(prompt),
+        "tokens": T,
+        "finish_reason": stats.finish_reason,
+        "text": text,
     }
     return arrays, meta
 
@@ -116,9 +126,20 @@ def _open_teacher(path: Path, slm: Engine, *, n_ctx: int, threads: int | None, g
 
 
 def collect(
-    slm_path: Path, teacher_path: Path, data: Path, out_dir: Path, *, limit: int | None = None,
-    k: int = 16, mode: str = "greedy", max_tokens: int = 400, n_ctx: int = 4096,
-    threads: int | None = None, gpu_layers: int = 0, skip_bad: bool = False, progress: bool = True,
+    slm_path: Path,
+    teacher_path: Path,
+    data: Path,
+    out_dir: Path,
+    *,
+    limit: int | None = None,
+    k: int = 16,
+    mode: str = "greedy",
+    max_tokens: int = 400,
+    n_ctx: int = 4096,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Label `limit` problems of `data` into `out_dir`; resumable. Returns the manifest."""
     if mode not in ("greedy", "s2t"):
@@ -126,15 +147,23 @@ def collect(
     problems, n_bad = load_problems(data, limit=limit, skip_bad=skip_bad)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
-        "slm": slm_path.name, "slm_sha256": sha256_file(slm_path), "teacher": teacher_path.name,
-        "teacher_sha256": _teacher_sha256(teacher_path), "k": k, "mode": mode, "max_tokens": max_tokens,
-        "n_ctx": n_ctx, "data": str(data),
+        "slm": slm_path.name,
+        "slm_sha256": sha256_file(slm_path),
+        "teacher": teacher_path.name,
+        "teacher_sha256": _teacher_sha256(teacher_path),
+        "k": k,
+        "mode": mode,
+        "max_tokens": max_tokens,
+        "n_ctx": n_ctx,
+        "data": str(data),
     }
     old = read_manifest(out_dir)
     if old:
         diff = [key for key in settings if key != "data" and old.get(key) != settings[key]]
         if diff:
-            raise S2TError(f"{out_dir} holds groups collected with other settings ({', '.join(diff)}); use another --out")
+            raise S2TError(
+                f"{out_dir} holds groups collected with other settings ({', '.join(diff)}); use another --out"
+            )
     slm = Engine(slm_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=True)
     teacher = _open_teacher(teacher_path, slm, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
     template = ChatTemplate(slm)

@@ -12,8 +12,15 @@ from s2t_edge.selector import sample_token
 
 
 def sample_parallel(
-    engine: Engine, prompt: Sequence[int], n: int, *, max_tokens: int = 512, temperature: float = 0.7,
-    top_p: float = 0.8, top_k: int = 20, seed: int | None = None,
+    engine: Engine,
+    prompt: Sequence[int],
+    n: int,
+    *,
+    max_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 0.8,
+    top_k: int = 20,
+    seed: int | None = None,
 ) -> list[list[int]]:
     """`n` sampled continuations of `prompt` (end-of-turn tokens not included).
 
@@ -31,7 +38,7 @@ def sample_parallel(
     try:
         for _ in range(max_tokens):
             picks = []
-            for s, logits in zip(active, rows):
+            for logits in rows:
                 c = candidates(logits, top_k)
                 picks.append(sample_token(c.ids, c.logits, temperature, top_p, top_k, rng))
             still = [(s, t) for s, t in zip(active, picks) if not engine.is_eog(t)]

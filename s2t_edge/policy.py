@@ -26,6 +26,4 @@ def greedy(k: int = 8) -> Policy:
 
 def sampling(temperature: float, top_p: float = 1.0, top_k: int = 40, seed: int | None = None) -> Policy:
     """Plain sampling: the selector draws at every step from the top-k candidates."""
-    return Policy(
-        "sample", k=top_k, trigger=Always(), selector=Sample(temperature, top_p, top_k, seed)
-    )
+    return Policy("sample", k=top_k, trigger=Always(), selector=Sample(temperature, top_p, top_k, seed))

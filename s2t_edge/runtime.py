@@ -43,9 +43,17 @@ def default_bundle_for(slm_path: Path, explicit_model: bool) -> Bundle | None:
     return b
 
 
-def open_models(model: str | None = None, *, bundle: str | None = None, teacher: str | None = None,
-                ctx: int = 4096, threads: int | None = None, gpu_layers: int = 0, n_seq: int = 1,
-                progress: bool = True) -> Models:
+def open_models(
+    model: str | None = None,
+    *,
+    bundle: str | None = None,
+    teacher: str | None = None,
+    ctx: int = 4096,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    n_seq: int = 1,
+    progress: bool = True,
+) -> Models:
     """Load the SLM, its bundle and an optional teacher.
 
     `bundle`: None → the shipped default; "none" → no reranker; a path → that bundle (a bundle
@@ -58,20 +66,33 @@ def open_models(model: str | None = None, *, bundle: str | None = None, teacher:
     else:
         chosen = load_bundle(bundle)
         slm_path = chosen.gguf_path if model is None and chosen.gguf_path else resolve_model(model, progress=progress)
-    slm = Engine(slm_path, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=chosen is not None,
-                 n_seq=n_seq)
+    slm = Engine(
+        slm_path, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=chosen is not None, n_seq=n_seq
+    )
     if chosen is not None:
         chosen.check_slm(slm_path, slm.n_vocab)
     t = None
     if teacher:
-        t = Engine(resolve_model(teacher, role="teacher", progress=progress), n_ctx=ctx, n_threads=threads,
-                   n_gpu_layers=gpu_layers)
+        t = Engine(
+            resolve_model(teacher, role="teacher", progress=progress),
+            n_ctx=ctx,
+            n_threads=threads,
+            n_gpu_layers=gpu_layers,
+        )
         check_same_vocab(slm, t)
     return Models(slm, chosen, t)
 
 
-def build_policy(models: Models, policy: str | None = None, *, k: int = 8, temperature: float = 0.0,
-                 seed: int | None = None, trigger: str = "always", threshold: float | None = None) -> Policy:
+def build_policy(
+    models: Models,
+    policy: str | None = None,
+    *,
+    k: int = 8,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    trigger: str = "always",
+    threshold: float | None = None,
+) -> Policy:
     """The named policy over loaded models. Default: s2t-local when a bundle is loaded, else greedy;
     a temperature > 0 samples instead."""
     if policy is None:

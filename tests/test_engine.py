@@ -36,18 +36,14 @@ def test_special_tokens_parsed(engine: Engine) -> None:
     assert len(engine.tokenize("<|im_end|>", special=False)) > 1
 
 
-def test_load_reuses_common_prefix(
-    tiny_gguf: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_load_reuses_common_prefix(tiny_gguf: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     a = engine.tokenize(TEXT)
     b = a[:5] + engine.tokenize(" and more text")
     engine.load(a)
     assert engine.n_past == len(a)
     decoded: list[int] = []
     real_decode = engine._decode
-    monkeypatch.setattr(
-        engine, "_decode", lambda toks, *rest: decoded.extend(toks) or real_decode(toks, *rest)
-    )
+    monkeypatch.setattr(engine, "_decode", lambda toks, *rest: decoded.extend(toks) or real_decode(toks, *rest))
     got = engine.load(b).copy()
     assert decoded == b[5:]  # only the new suffix went through llama_decode
     assert engine.n_past == len(b) and engine.tokens == b

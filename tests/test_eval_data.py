@@ -18,13 +18,16 @@ def _row(q, a, **extra):
 
 
 def test_gsm8k_gold_and_ids(tmp_path):
-    f = _write(tmp_path / "data.jsonl", [
-        _row("How many?", "3 + 4 = <<3+4=7>>7\n#### 7"),
-        "",
-        _row("How much?", "He pays 1,000 + 80\n#### 1,080", id="gsm-42"),
-        "   ",
-        _row("Which color?", "  blue \n"),
-    ])
+    f = _write(
+        tmp_path / "data.jsonl",
+        [
+            _row("How many?", "3 + 4 = <<3+4=7>>7\n#### 7"),
+            "",
+            _row("How much?", "He pays 1,000 + 80\n#### 1,080", id="gsm-42"),
+            "   ",
+            _row("Which color?", "  blue \n"),
+        ],
+    )
     problems, skipped = load_problems(f)
     assert skipped == 0
     assert problems == [
@@ -40,8 +43,7 @@ def test_gold_answer_uses_last_marker():
 
 
 def test_custom_fields_and_limit(tmp_path):
-    f = _write(tmp_path / "m.jsonl", [json.dumps({"problem": f"q{i}", "solution": str(i)})
-                                      for i in range(5)])
+    f = _write(tmp_path / "m.jsonl", [json.dumps({"problem": f"q{i}", "solution": str(i)}) for i in range(5)])
     problems, _ = load_problems(f, question_field="problem", answer_field="solution", limit=2)
     assert [(p.question, p.gold) for p in problems] == [("q0", "0"), ("q1", "1")]
 
@@ -59,8 +61,7 @@ def test_non_object_line_is_refused(tmp_path):
 
 
 def test_missing_field_suggests_flag(tmp_path):
-    f = _write(tmp_path / "data.jsonl", [_row("q", "1"), _row("q", "2"),
-                                         json.dumps({"question": "q"})])
+    f = _write(tmp_path / "data.jsonl", [_row("q", "1"), _row("q", "2"), json.dumps({"question": "q"})])
     with pytest.raises(S2TError, match=r"data\.jsonl:3: no field 'answer' \(use --answer-field\)"):
         load_problems(f)
     with pytest.raises(S2TError, match=r"no field 'problem' \(use --question-field\)"):
@@ -68,9 +69,16 @@ def test_missing_field_suggests_flag(tmp_path):
 
 
 def test_skip_bad_counts_and_keeps_ids_stable(tmp_path):
-    f = _write(tmp_path / "data.jsonl", [
-        _row("a", "1"), "{oops", json.dumps({"question": "no answer"}), "42", _row("b", "2"),
-    ])
+    f = _write(
+        tmp_path / "data.jsonl",
+        [
+            _row("a", "1"),
+            "{oops",
+            json.dumps({"question": "no answer"}),
+            "42",
+            _row("b", "2"),
+        ],
+    )
     problems, skipped = load_problems(f, skip_bad=True)
     assert skipped == 3
     assert [(p.id, p.index) for p in problems] == [("data:1", 0), ("data:5", 1)]

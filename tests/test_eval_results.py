@@ -9,14 +9,30 @@ from s2t_edge.errors import S2TError
 from s2t_edge.eval.compare import compare_runs, plot_compare
 from s2t_edge.eval.results import ResultsDir, RunSettings, format_table, summarize, wilson
 
-SETTINGS = {"model_sha256": "ab" * 32, "policy": "greedy", "k": 1, "max_tokens": 512,
-            "data": "gsm8k-test.jsonl", "bundle": None, "seed": 0}
+SETTINGS = {
+    "model_sha256": "ab" * 32,
+    "policy": "greedy",
+    "k": 1,
+    "max_tokens": 512,
+    "data": "gsm8k-test.jsonl",
+    "bundle": None,
+    "seed": 0,
+}
 
 
 def _rec(i, correct, tokens=100, seconds=2.0, triggers=0, flips=0, policy="greedy"):
-    return {"id": f"p{i}", "policy": policy, "output": "...", "pred": "1", "gold": "1",
-            "correct": correct, "tokens": tokens, "seconds": seconds,
-            "triggers": triggers, "flips": flips}
+    return {
+        "id": f"p{i}",
+        "policy": policy,
+        "output": "...",
+        "pred": "1",
+        "gold": "1",
+        "correct": correct,
+        "tokens": tokens,
+        "seconds": seconds,
+        "triggers": triggers,
+        "flips": flips,
+    }
 
 
 def _run(path, settings, records):
@@ -127,16 +143,13 @@ def test_summary_of_empty_run_and_duplicates():
 
 def test_format_table_aligned_with_cost_relative_to_greedy():
     rows = [
-        {**summarize([_rec(0, True, seconds=2.0), _rec(1, False, seconds=2.0)]),
-         "policy": "greedy"},
-        {**summarize([_rec(0, True, seconds=5.0, triggers=5), _rec(1, True, seconds=5.0)]),
-         "policy": "s2t-local"},
+        {**summarize([_rec(0, True, seconds=2.0), _rec(1, False, seconds=2.0)]), "policy": "greedy"},
+        {**summarize([_rec(0, True, seconds=5.0, triggers=5), _rec(1, True, seconds=5.0)]), "policy": "s2t-local"},
     ]
     table = format_table(rows)
     lines = table.splitlines()
     assert len(lines) == 4 and len({len(x) for x in lines[:2]}) == 1
-    for col in ("policy", "n", "accuracy", "mean tokens", "tok/s", "s/problem",
-                "trigger rate", "flip rate", "cost×"):
+    for col in ("policy", "n", "accuracy", "mean tokens", "tok/s", "s/problem", "trigger rate", "flip rate", "cost×"):
         assert col in lines[0]
     greedy, s2t = lines[2].split(), lines[3].split()
     assert greedy[0] == "greedy" and greedy[-1] == "1.00×" and "50.0%" in lines[2]
@@ -149,8 +162,11 @@ def test_format_table_aligned_with_cost_relative_to_greedy():
 
 def test_compare_restricts_to_common_ids(tmp_path):
     _run(tmp_path / "g", SETTINGS, [_rec(i, i < 2, seconds=1.0) for i in range(4)])
-    _run(tmp_path / "s", {**SETTINGS, "policy": "s2t-local"},
-         [_rec(i, True, seconds=3.0, policy="s2t-local") for i in range(1, 6)])
+    _run(
+        tmp_path / "s",
+        {**SETTINGS, "policy": "s2t-local"},
+        [_rec(i, True, seconds=3.0, policy="s2t-local") for i in range(1, 6)],
+    )
     rows = compare_runs([tmp_path / "g", tmp_path / "s"])
     assert [r["policy"] for r in rows] == ["greedy", "s2t-local"]
     assert all(r["n"] == 3 and r["n_common"] == 3 for r in rows)  # ids p1..p3
@@ -177,8 +193,11 @@ def test_compare_errors(tmp_path):
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     _run(tmp_path / "g", SETTINGS, [_rec(i, i % 2 == 0) for i in range(6)])
-    _run(tmp_path / "s", {**SETTINGS, "policy": "s2t-local"},
-         [_rec(i, True, seconds=4.0, policy="s2t-local") for i in range(6)])
+    _run(
+        tmp_path / "s",
+        {**SETTINGS, "policy": "s2t-local"},
+        [_rec(i, True, seconds=4.0, policy="s2t-local") for i in range(6)],
+    )
     out = plot_compare(compare_runs([tmp_path / "g", tmp_path / "s"]), tmp_path / "p" / "c.png")
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
@@ -191,6 +210,5 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(S2TError, match="plotting needs matplotlib: pip install matplotlib"):
-        plot_compare([{"policy": "greedy", "accuracy": 0.5, "s_per_problem": 1.0}],
-                     tmp_path / "x.png")
+        plot_compare([{"policy": "greedy", "accuracy": 0.5, "s_per_problem": 1.0}], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

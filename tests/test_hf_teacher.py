@@ -39,8 +39,14 @@ PROBLEMS = [
 ]
 
 
-def write_hf_model(d: Path, *, vocab_size: int = TINY_VOCAB_SIZE, swap: tuple[int, int] | None = None,
-                   drop_specials: bool = False, seed: int = 0) -> Path:
+def write_hf_model(
+    d: Path,
+    *,
+    vocab_size: int = TINY_VOCAB_SIZE,
+    swap: tuple[int, int] | None = None,
+    drop_specials: bool = False,
+    seed: int = 0,
+) -> Path:
     """A random-weight Qwen2ForCausalLM + fast byte-level BPE tokenizer (the tiny GGUF's vocab)."""
     tokens, types, merges = build_vocab()
     if swap:
@@ -56,9 +62,15 @@ def write_hf_model(d: Path, *, vocab_size: int = TINY_VOCAB_SIZE, swap: tuple[in
         tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
     cfg = transformers.Qwen2Config(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=N_CTX,
-        tie_word_embeddings=False, initializer_range=0.1,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=N_CTX,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     d.mkdir(parents=True, exist_ok=True)
@@ -160,7 +172,7 @@ def test_vocab_sizes(slm: Engine, tmp_path: Path) -> None:
     t = HFTeacher(big, n_vocab=slm.n_vocab, device="cpu")
     check_tokenizer_matches(slm, t)
     toks = some_tokens(6)
-    (_, row), = t.score(toks, len(toks) - 1)
+    ((_, row),) = t.score(toks, len(toks) - 1)
     np.testing.assert_allclose(row, forward(big, toks)[-1, :TINY_VOCAB_SIZE], atol=ATOL)
     # the other way round: rows the model lacks are -inf (never predicted)
     t = HFTeacher(big, n_vocab=TINY_VOCAB_SIZE + 40, device="cpu")
@@ -184,8 +196,9 @@ def run(slm: Path, teacher: Path, data: Path, out: Path, **kw) -> dict:
     return collect(slm, teacher, data, out, **kw)
 
 
-def test_collect_same_shards_as_gguf_teacher(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path,
-                                            hf_dir: Path, data: Path) -> None:
+def test_collect_same_shards_as_gguf_teacher(
+    tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, hf_dir: Path, data: Path
+) -> None:
     run(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "gguf")
     m = run(tiny_gguf, hf_dir, data, tmp_path / "hf")
     a_shards, b_shards = list(iter_shards(tmp_path / "gguf")), list(iter_shards(tmp_path / "hf"))
@@ -210,7 +223,7 @@ def test_collect_same_shards_as_gguf_teacher(tmp_path: Path, tiny_gguf: Path, ti
 
 def test_collect_s2t_mode_with_hf_teacher(tmp_path: Path, tiny_gguf: Path, hf_dir: Path, data: Path) -> None:
     run(tiny_gguf, hf_dir, data, tmp_path / "g", limit=1, mode="s2t")
-    (_, a), = iter_shards(tmp_path / "g")
+    ((_, a),) = iter_shards(tmp_path / "g")
     rows = np.arange(len(a["chosen"]))
     np.testing.assert_array_equal(a["slm_ids"][rows, a["teacher_probs"].argmax(1)], a["chosen"])
     assert read_manifest(tmp_path / "g")["mode"] == "s2t"
@@ -225,8 +238,29 @@ def test_collect_refuses_mismatched_hf_teacher(tmp_path: Path, tiny_gguf: Path, 
 
 def test_cli_collect_takes_a_model_directory(tmp_path: Path, tiny_gguf: Path, hf_dir: Path, data: Path) -> None:
     out = tmp_path / "g"
-    r = CliRunner().invoke(main, ["collect", "--slm", str(tiny_gguf), "--teacher", str(hf_dir), "--data", str(data),
-                                  "--out", str(out), "--k", str(K), "--max-tokens", str(MAX_TOKENS), "--limit", "1",
-                                  "--threads", "1", "--ctx", str(N_CTX)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "collect",
+            "--slm",
+            str(tiny_gguf),
+            "--teacher",
+            str(hf_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--k",
+            str(K),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--limit",
+            "1",
+            "--threads",
+            "1",
+            "--ctx",
+            str(N_CTX),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "1 problems" in r.stdout and read_manifest(out)["teacher"] == hf_dir.name

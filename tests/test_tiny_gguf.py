@@ -27,9 +27,7 @@ def load(path: Path, **kw) -> llama_cpp.Llama:
 def last_logits(path: Path, text: str = TEXT) -> np.ndarray:
     """Logits after prefilling ``text``, through the low-level API only."""
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(
-        str(path).encode(), llama_cpp.llama_model_default_params()
-    )
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
     assert model, f"llama.cpp could not load {path}"
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = 256

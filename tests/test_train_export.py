@@ -45,15 +45,30 @@ def make_groups(out: Path, slm: Path, *, n_problems: int = N_PROBLEMS, k: int = 
         lp = logits - logits.max(1, keepdims=True)
         lp -= np.log(np.exp(lp).sum(1, keepdims=True))
         arrays = {
-            "slm_ids": ids, "slm_logits": logits, "hidden": hidden,
+            "slm_ids": ids,
+            "slm_logits": logits,
+            "hidden": hidden,
             "entropy": -(np.exp(lp) * lp).sum(1).astype(np.float32),
             "margin": (logits[:, 0] - logits[:, 1]).astype(np.float32),
-            "teacher_probs": probs, "teacher_top1": top1.astype(np.int32),
-            "teacher_top1_prob": probs.max(1), "kl": np.zeros(T, np.float32), "chosen": ids[:, 0].copy(),
+            "teacher_probs": probs,
+            "teacher_top1": top1.astype(np.int32),
+            "teacher_top1_prob": probs.max(1),
+            "kl": np.zeros(T, np.float32),
+            "chosen": ids[:, 0].copy(),
         }
         write_shard(out, f"synthetic:{i:03d}", arrays, {"tokens": T, "correct": False})
-    write_manifest(out, {"slm": slm.name, "slm_sha256": sha256_file(slm), "teacher": "synthetic",
-                         "teacher_sha256": "0" * 64, "k": k, "mode": "greedy", "data": "synthetic"})
+    write_manifest(
+        out,
+        {
+            "slm": slm.name,
+            "slm_sha256": sha256_file(slm),
+            "teacher": "synthetic",
+            "teacher_sha256": "0" * 64,
+            "k": k,
+            "mode": "greedy",
+            "data": "synthetic",
+        },
+    )
     return out
 
 
@@ -101,8 +116,18 @@ def edit_manifest(root: Path, **changes) -> None:
 
 def test_report_fields(trained) -> None:
     report, ckpt, _ = trained
-    assert {"config", "feature_version", "epoch", "threshold", "val", "test", "problems", "positions",
-            "groups", "seconds"} <= set(report)
+    assert {
+        "config",
+        "feature_version",
+        "epoch",
+        "threshold",
+        "val",
+        "test",
+        "problems",
+        "positions",
+        "groups",
+        "seconds",
+    } <= set(report)
     assert report["feature_version"] == FEATURE_VERSION and 1 <= report["epoch"] <= CFG.epochs
     assert report["config"]["k"] == K and report["config"]["seed"] == SEED
     assert sum(report["problems"].values()) == N_PROBLEMS
@@ -251,8 +276,11 @@ def test_damaged_onnx_refused(exported, tmp_path: Path, damage: str) -> None:
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"format_version": 99}, "format 99 is newer"), ({"format_version": "1"}, "no integer format_version"),
-     ({"feature_version": FEATURE_VERSION + 1}, "feature version")],
+    [
+        ({"format_version": 99}, "format 99 is newer"),
+        ({"format_version": "1"}, "no integer format_version"),
+        ({"feature_version": FEATURE_VERSION + 1}, "feature version"),
+    ],
 )
 def test_manifest_versions_refused(exported, tmp_path: Path, changes: dict, message: str) -> None:
     root = copy_bundle(exported[0], tmp_path / "b")

@@ -59,11 +59,7 @@ DEFAULT_WORDS: tuple[str, ...] = (
 @lru_cache(maxsize=1)
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character mapping."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -38,14 +38,23 @@ class Groups:
 
     def subset(self, problems: set[int]) -> Groups:
         m = np.isin(self.problem, list(problems))
-        return Groups(self.hidden[m], self.ids[m], self.logits[m], self.teacher_probs[m],
-                      self.teacher_top1[m], self.problem[m], self.problem_ids)
+        return Groups(
+            self.hidden[m],
+            self.ids[m],
+            self.logits[m],
+            self.teacher_probs[m],
+            self.teacher_top1[m],
+            self.problem[m],
+            self.problem_ids,
+        )
 
 
 def load_groups(group_dir: str | Path, k: int) -> tuple[Groups, dict]:
     """All positions of a groups directory, keeping the first `k` candidates."""
     manifest = read_manifest(Path(group_dir)) or {}
-    cols: dict[str, list[np.ndarray]] = {n: [] for n in ("hidden", "slm_ids", "slm_logits", "teacher_probs", "teacher_top1")}
+    cols: dict[str, list[np.ndarray]] = {
+        n: [] for n in ("hidden", "slm_ids", "slm_logits", "teacher_probs", "teacher_top1")
+    }
     problem, ids = [], []
     stored_k = None
     for meta, a in iter_shards(group_dir):
@@ -77,7 +86,11 @@ def split_problems(n: int, seed: int, val: float = 0.2, test: float = 0.15) -> t
     """Disjoint train / validation / test problem indices (no problem straddles two splits)."""
     order = np.random.default_rng(seed).permutation(n)
     n_test, n_val = max(1, int(n * test)), max(1, int(n * val))
-    return set(order[n_test + n_val :].tolist()), set(order[n_test : n_test + n_val].tolist()), set(order[:n_test].tolist())
+    return (
+        set(order[n_test + n_val :].tolist()),
+        set(order[n_test : n_test + n_val].tolist()),
+        set(order[:n_test].tolist()),
+    )
 
 
 def output_embedding(gguf_path: str | Path) -> np.ndarray:

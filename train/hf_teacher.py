@@ -78,8 +78,13 @@ class HFTeacher:
     """
 
     def __init__(
-        self, path: str | Path, *, n_vocab: int | None = None, n_ctx: int | None = None,
-        threads: int | None = None, device: str | None = None,
+        self,
+        path: str | Path,
+        *,
+        n_vocab: int | None = None,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        device: str | None = None,
     ) -> None:
         self.path = Path(path)
         if not is_hf_model_dir(self.path):
@@ -97,9 +102,7 @@ class HFTeacher:
             # transformers >= 4.56 calls it `dtype`, older versions `torch_dtype`
             new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
             key = "dtype" if new else "torch_dtype"
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, local_files_only=True, **{key: dtype}
-            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, **{key: dtype})
         except (OSError, ValueError) as e:
             raise S2TError(f"{self.path}: transformers could not load this model directory: {e}") from e
         self.model = model.to(self.device).eval()
@@ -214,8 +217,10 @@ def check_tokenizer_matches(slm: Engine, teacher: HFTeacher) -> None:
 
     n_tok, name = teacher.n_tokens, teacher.path.name
     if n_tok > slm.n_vocab:
-        raise S2TError(f"teacher tokenizer ({name}) has {n_tok} tokens, the SLM only {slm.n_vocab} ids; "
-                       "S2T needs one shared tokenizer")
+        raise S2TError(
+            f"teacher tokenizer ({name}) has {n_tok} tokens, the SLM only {slm.n_vocab} ids; "
+            "S2T needs one shared tokenizer"
+        )
     if teacher.out_vocab < n_tok:
         raise S2TError(f"teacher model ({name}) has {teacher.out_vocab} output rows for {n_tok} tokenizer ids")
     if teacher.n_vocab != slm.n_vocab:
@@ -229,5 +234,6 @@ def check_tokenizer_matches(slm: Engine, teacher: HFTeacher) -> None:
             raise S2TError(f"teacher tokenizer differs from the SLM's at id {i}: {a!r} vs {b!r} ({name})")
     for i in range(n_tok, slm.n_vocab):
         if slm_types[i] != int(TokenType.UNUSED):
-            raise S2TError(f"SLM token {i} ({slm_tokens[i]!r}) is not in the teacher's tokenizer ({name}, "
-                           f"{n_tok} tokens)")
+            raise S2TError(
+                f"SLM token {i} ({slm_tokens[i]!r}) is not in the teacher's tokenizer ({name}, {n_tok} tokens)"
+            )

@@ -15,8 +15,9 @@ FEATURE_VERSION = 1  # inputs: hidden [B,H] f32, ids [B,K] i64, logits [B,K] f32
 
 
 class Reranker(nn.Module):
-    def __init__(self, n_embd: int, k: int, rank: int = 32, width: int = 64, use_hidden: bool = True,
-                 use_tokens: bool = True) -> None:
+    def __init__(
+        self, n_embd: int, k: int, rank: int = 32, width: int = 64, use_hidden: bool = True, use_tokens: bool = True
+    ) -> None:
         super().__init__()
         self.k, self.rank, self.use_hidden, self.use_tokens = k, rank, use_hidden, use_tokens
         self.h_proj = nn.Linear(n_embd, rank)
@@ -27,8 +28,9 @@ class Reranker(nn.Module):
         trig_in = k + 2 + (rank if use_hidden else 0)
         self.trig_mlp = nn.Sequential(nn.Linear(trig_in, width), nn.GELU(), nn.Linear(width, 1))
 
-    def forward(self, hidden: torch.Tensor, logits: torch.Tensor,
-                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, logits: torch.Tensor, codes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [B,K], trigger logit [B]); scores are the SLM log-probs plus a learned correction.
 
         `codes` [B,K,rank] are the candidates' token codes: `tok_proj` of their output-embedding

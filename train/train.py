@@ -78,7 +78,9 @@ def policy_metrics(g: Groups, scores: np.ndarray, trig: np.ndarray, threshold: f
         # the teacher's probability of the token taken: weighs a strong disagreement more than a near-tie
         "teacher_prob": float(g.teacher_probs[rows, choice].mean()),
         "greedy_teacher_prob": float(g.teacher_probs[:, 0].mean()),
-        "hit1_at_divergence": float((g.ids[np.arange(len(g)), best] == g.teacher_top1)[div].mean()) if div.any() else None,
+        "hit1_at_divergence": float((g.ids[np.arange(len(g)), best] == g.teacher_top1)[div].mean())
+        if div.any()
+        else None,
         "greedy_hit1_at_divergence": 0.0,
         "flip_rate": float(flips.mean()),
         "false_flip_rate": float(flips[agree].mean()) if agree.any() else None,
@@ -102,12 +104,19 @@ def pick_threshold(g: Groups, scores: np.ndarray, trig: np.ndarray) -> tuple[flo
     (never fire) is a candidate, so a reranker that cannot beat greedy turns itself off.
     """
     cands = [1.01] + sorted(set(np.quantile(trig, np.linspace(0.5, 0.999, 60)).tolist()))
-    return max(((t, r) for t in cands for r in RULES),
-               key=lambda tr: (policy_metrics(g, scores, trig, *tr)["teacher_prob"], tr[0]))
+    return max(
+        ((t, r) for t in cands for r in RULES),
+        key=lambda tr: (policy_metrics(g, scores, trig, *tr)["teacher_prob"], tr[0]),
+    )
 
 
-def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg: TrainConfig | None = None,
-          progress: bool = True) -> dict:
+def train(
+    group_dir: str | Path,
+    out_dir: str | Path,
+    slm_path: str | Path,
+    cfg: TrainConfig | None = None,
+    progress: bool = True,
+) -> dict:
     """Train, pick the checkpoint and threshold on validation problems, report on test problems."""
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -136,7 +145,8 @@ def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg:
             logp = torch.log_softmax(scores, -1)
             w = 1 + (cfg.divergent_weight - 1) * diverge[idx]  # selection matters most where they diverge
             sel = F.cross_entropy(scores, target[idx], reduction="none") + cfg.kl_weight * (
-                soft[idx] * (soft[idx].clamp_min(1e-9).log() - logp)).sum(-1)
+                soft[idx] * (soft[idx].clamp_min(1e-9).log() - logp)
+            ).sum(-1)
             trig_loss = F.binary_cross_entropy_with_logits(trig, diverge[idx], pos_weight=pos_weight)
             loss = (w * sel).sum() / w.sum() + cfg.trigger_weight * trig_loss
             opt.zero_grad()
@@ -148,25 +158,51 @@ def train(group_dir: str | Path, out_dir: str | Path, slm_path: str | Path, cfg:
         thr, rule = pick_threshold(va, sc, trg)
         m = policy_metrics(va, sc, trg, thr, rule)
         if best is None or m["teacher_prob"] > best[0]:
-            best = (m["teacher_prob"], {"state": {k: v.clone() for k, v in model.state_dict().items()}, "epoch": epoch + 1, "threshold": thr, "rule": rule,
-                    "val": m})
+            best = (
+                m["teacher_prob"],
+                {
+                    "state": {k: v.clone() for k, v in model.state_dict().items()},
+                    "epoch": epoch + 1,
+                    "threshold": thr,
+                    "rule": rule,
+                    "val": m,
+                },
+            )
     bar.close()
     model.load_state_dict(best[1]["state"])
     sc, trg = predict(model, te, emb)
     test = policy_metrics(te, sc, trg, best[1]["threshold"], best[1]["rule"])
     report = {
-        "config": asdict(cfg), "feature_version": FEATURE_VERSION, "epoch": best[1]["epoch"],
-        "threshold": best[1]["threshold"], "rule": best[1]["rule"], "val": best[1]["val"], "test": test,
+        "config": asdict(cfg),
+        "feature_version": FEATURE_VERSION,
+        "epoch": best[1]["epoch"],
+        "threshold": best[1]["threshold"],
+        "rule": best[1]["rule"],
+        "val": best[1]["val"],
+        "test": test,
         "problems": {"train": len(tr_p), "val": len(va_p), "test": len(te_p)},
         "positions": {"train": len(tr), "val": len(va), "test": len(te)},
-        "groups": {"dir": str(group_dir), "slm_sha256": manifest.get("slm_sha256"), "teacher": manifest.get("teacher"),
-                   "teacher_sha256": manifest.get("teacher_sha256"), "data": manifest.get("data"), "mode": manifest.get("mode")},
+        "groups": {
+            "dir": str(group_dir),
+            "slm_sha256": manifest.get("slm_sha256"),
+            "teacher": manifest.get("teacher"),
+            "teacher_sha256": manifest.get("teacher_sha256"),
+            "data": manifest.get("data"),
+            "mode": manifest.get("mode"),
+        },
         "seconds": round(time.time() - t0, 1),
     }
     probe = np.random.default_rng(cfg.seed).choice(len(te), min(64, len(te)), replace=False)
     parity_inputs = {"hidden": te.hidden[probe].astype(np.float32), "ids": te.ids[probe], "logits": te.logits[probe]}
-    torch.save({"state_dict": model.state_dict(), "report": report, "n_embd": groups.hidden.shape[1],
-                "parity_inputs": parity_inputs}, out_dir / "reranker.pt")
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "report": report,
+            "n_embd": groups.hidden.shape[1],
+            "parity_inputs": parity_inputs,
+        },
+        out_dir / "reranker.pt",
+    )
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

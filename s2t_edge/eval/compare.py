@@ -35,8 +35,13 @@ def compare_runs(dirs: list[Path]) -> list[dict]:
     for (d, settings, recs), policy in zip(runs, policies):
         row = summarize([r for r in recs if str(r.get("id")) in common], policy=policy)
         label = f"{policy} ({d.name})" if policies.count(policy) > 1 else policy
-        row.update(dir=str(d), label=label, settings=settings,
-                   n_total=len({str(r.get("id")) for r in recs}), n_common=len(common))
+        row.update(
+            dir=str(d),
+            label=label,
+            settings=settings,
+            n_total=len({str(r.get("id")) for r in recs}),
+            n_common=len(common),
+        )
         rows.append(row)
     return rows
 
@@ -59,8 +64,9 @@ def plot_compare(rows: list[dict], path: str | Path) -> Path:
         acc = 100 * r["accuracy"]
         err = [[acc - 100 * r["ci_lo"]], [100 * r["ci_hi"] - acc]]
         ax.errorbar(r["s_per_problem"], acc, yerr=err, fmt="o", capsize=4)
-        ax.annotate(str(r.get("label") or r.get("policy")), (r["s_per_problem"], acc),
-                    textcoords="offset points", xytext=(6, 6))
+        ax.annotate(
+            str(r.get("label") or r.get("policy")), (r["s_per_problem"], acc), textcoords="offset points", xytext=(6, 6)
+        )
     ax.set_xlabel("seconds per problem")
     ax.set_ylabel("accuracy (%, 95% Wilson CI)")
     n = pts[0].get("n_common", pts[0]["n"])

@@ -54,9 +54,7 @@ def load_problems(
             if not line.strip():
                 continue
             try:
-                problems.append(
-                    _parse_line(line, p, line_no, question_field, answer_field, len(problems))
-                )
+                problems.append(_parse_line(line, p, line_no, question_field, answer_field, len(problems)))
             except S2TError:
                 if not skip_bad:
                     raise
@@ -64,9 +62,7 @@ def load_problems(
     return problems, skipped
 
 
-def _parse_line(
-    line: str, p: Path, line_no: int, q_field: str, a_field: str, index: int
-) -> Problem:
+def _parse_line(line: str, p: Path, line_no: int, q_field: str, a_field: str, index: int) -> Problem:
     where = f"{p.name}:{line_no}"
     try:
         obj = json.loads(line)
@@ -78,5 +74,4 @@ def _parse_line(
         if field not in obj:
             raise S2TError(f"{where}: no field '{field}' (use {flag})")
     pid = str(obj["id"]) if obj.get("id") is not None else f"{p.stem}:{line_no}"
-    return Problem(id=pid, question=str(obj[q_field]), gold=gold_answer(str(obj[a_field])),
-                   index=index)
+    return Problem(id=pid, question=str(obj[q_field]), gold=gold_answer(str(obj[a_field])), index=index)

@@ -7,8 +7,7 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 
 SYSTEM_PROMPT = (
-    "You are a careful math assistant. Reason step by step, "
-    "then put the final answer (just the number) in \\boxed{}."
+    "You are a careful math assistant. Reason step by step, then put the final answer (just the number) in \\boxed{}."
 )
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")

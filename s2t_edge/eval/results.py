@@ -165,10 +165,7 @@ class ResultsDir:
                 raise S2TError(f"{sfile} is not valid JSON; use another --out") from None
             diffs = RunSettings(old).diff(self.settings)
             if diffs:
-                raise S2TError(
-                    "out dir holds results from different settings: "
-                    f"{', '.join(diffs)}; use another --out"
-                )
+                raise S2TError(f"out dir holds results from different settings: {', '.join(diffs)}; use another --out")
         else:
             _write_json(sfile, self.settings.to_dict())
         self.results_file = self.path / RESULTS_FILE
@@ -211,28 +208,40 @@ def format_table(rows: list[dict]) -> str:
     """Plain aligned text table of summary rows; "cost×" is s/problem relative to the
     'greedy' row (blank without one)."""
     base = next((r.get("s_per_problem") for r in rows if r.get("policy") == "greedy"), None)
-    header = ["policy", "n", "accuracy [95% CI]", "mean tokens", "tok/s", "s/problem",
-              "trigger rate", "flip rate", "cost×"]
+    header = [
+        "policy",
+        "n",
+        "accuracy [95% CI]",
+        "mean tokens",
+        "tok/s",
+        "s/problem",
+        "trigger rate",
+        "flip rate",
+        "cost×",
+    ]
     body = []
     for r in rows:
         acc = r.get("accuracy")
-        acc_s = "-" if acc is None else (
-            f"{100 * acc:.1f}% [{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]"
-        )
+        acc_s = "-" if acc is None else (f"{100 * acc:.1f}% [{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]")
         spp = r.get("s_per_problem")
         cost = f"{spp / base:.2f}×" if base and spp is not None else "-"
-        body.append([
-            str(r.get("policy") or "?"), str(r.get("n", 0)), acc_s,
-            _fmt(r.get("mean_tokens"), ".1f"), _fmt(r.get("tokens_per_s"), ".1f"),
-            _fmt(spp, ".2f"), _fmt(r.get("trigger_rate"), ".4f"),
-            _fmt(r.get("flip_rate"), ".4f"), cost,
-        ])
+        body.append(
+            [
+                str(r.get("policy") or "?"),
+                str(r.get("n", 0)),
+                acc_s,
+                _fmt(r.get("mean_tokens"), ".1f"),
+                _fmt(r.get("tokens_per_s"), ".1f"),
+                _fmt(spp, ".2f"),
+                _fmt(r.get("trigger_rate"), ".4f"),
+                _fmt(r.get("flip_rate"), ".4f"),
+                cost,
+            ]
+        )
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(b) for b in body)])

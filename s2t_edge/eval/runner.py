@@ -52,8 +52,16 @@ def parse_policies(names: list[str]) -> list[EvalSpec]:
     return specs
 
 
-def _solve(models: Models, template: ChatTemplate, spec: EvalSpec, policy: Policy | None, problem: Problem, *,
-           max_tokens: int, seed: int) -> dict:
+def _solve(
+    models: Models,
+    template: ChatTemplate,
+    spec: EvalSpec,
+    policy: Policy | None,
+    problem: Problem,
+    *,
+    max_tokens: int,
+    seed: int,
+) -> dict:
     """Answer one problem with one policy; the record written to results.jsonl."""
     t0 = time.perf_counter()
     if spec.maj_n:
@@ -62,21 +70,49 @@ def _solve(models: Models, template: ChatTemplate, spec: EvalSpec, policy: Polic
         texts = [models.slm.detokenize(s) for s in samples]
         answers = [extract_answer(t) for t in texts]
         pred, votes = majority_vote(answers)
-        return {"output": texts[0], "pred": pred, "votes": votes, "answers": answers,
-                "tokens": sum(len(s) for s in samples), "seconds": time.perf_counter() - t0, "triggers": 0, "flips": 0}
+        return {
+            "output": texts[0],
+            "pred": pred,
+            "votes": votes,
+            "answers": answers,
+            "tokens": sum(len(s) for s in samples),
+            "seconds": time.perf_counter() - t0,
+            "triggers": 0,
+            "flips": 0,
+        }
     engine = models.teacher if spec.name == "teacher" else models.slm
     prompt = problem_prompt(engine, template, problem.question)
     stats = DecodeStats()
     ids = [t.id for t in decode(engine, prompt, max_tokens=max_tokens, stats=stats, **policy.decode_args())]
     text = engine.detokenize(ids)
-    return {"output": text, "pred": extract_answer(text), "tokens": len(ids), "seconds": time.perf_counter() - t0,
-            "triggers": stats.triggers, "flips": stats.flips, "finish_reason": stats.finish_reason}
+    return {
+        "output": text,
+        "pred": extract_answer(text),
+        "tokens": len(ids),
+        "seconds": time.perf_counter() - t0,
+        "triggers": stats.triggers,
+        "flips": stats.flips,
+        "finish_reason": stats.finish_reason,
+    }
 
 
-def run_eval(models: Models, data: Path, specs: list[EvalSpec], out: Path, *, limit: int | None = None,
-             k: int = 8, max_tokens: int = 512, seed: int = 0, trigger: str = "always",
-             threshold: float | None = None, question_field: str = "question", answer_field: str = "answer",
-             skip_bad: bool = False, progress: bool = True) -> list[dict]:
+def run_eval(
+    models: Models,
+    data: Path,
+    specs: list[EvalSpec],
+    out: Path,
+    *,
+    limit: int | None = None,
+    k: int = 8,
+    max_tokens: int = 512,
+    seed: int = 0,
+    trigger: str = "always",
+    threshold: float | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> list[dict]:
     """Evaluate each policy into `out/<policy>/`; rerunning skips finished problems. Returns summaries."""
     problems, n_bad = load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
     if n_bad:
@@ -88,16 +124,28 @@ def run_eval(models: Models, data: Path, specs: list[EvalSpec], out: Path, *, li
             raise S2TError(f"policy {spec.name} needs --teacher MODEL")
         engine = models.teacher if spec.name == "teacher" else models.slm
         settings = {
-            "policy": spec.name, "model": engine.path.name, "model_size": engine.path.stat().st_size,
-            "k": k, "max_tokens": max_tokens, "data": Path(data).name, "seed": seed,
-            "bundle": models.bundle.manifest["onnx_sha256"][:16] if spec.name == "s2t-local" and models.bundle else None,
+            "policy": spec.name,
+            "model": engine.path.name,
+            "model_size": engine.path.stat().st_size,
+            "k": k,
+            "max_tokens": max_tokens,
+            "data": Path(data).name,
+            "seed": seed,
+            "bundle": models.bundle.manifest["onnx_sha256"][:16]
+            if spec.name == "s2t-local" and models.bundle
+            else None,
             "teacher": models.teacher.path.name if spec.name in ("s2t", "takeover") and models.teacher else None,
             "trigger": trigger if spec.name in ("s2t", "takeover") else None,
             "threshold": threshold if spec.name in ("s2t", "takeover") else None,
         }
         results = ResultsDir(out / spec.name.replace("@", "_at_"), settings)
-        policy = None if spec.maj_n else build_policy(
-            models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold)
+        policy = (
+            None
+            if spec.maj_n
+            else build_policy(
+                models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold
+            )
+        )
         done = results.done_ids()
         todo = [p for p in problems if p.id not in done]
         correct = sum(r["correct"] for r in results.records())
@@ -106,7 +154,13 @@ def run_eval(models: Models, data: Path, specs: list[EvalSpec], out: Path, *, li
         try:
             for p in todo:
                 rec = _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)
-                rec = {"id": p.id, "policy": spec.name, "gold": p.gold, "correct": is_correct(rec["pred"], p.gold), **rec}
+                rec = {
+                    "id": p.id,
+                    "policy": spec.name,
+                    "gold": p.gold,
+                    "correct": is_correct(rec["pred"], p.gold),
+                    **rec,
+                }
                 results.append(rec)
                 correct += rec["correct"]
                 bar.update(note=f"acc {correct / (bar.done + 1):.3f}")
