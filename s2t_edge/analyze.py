@@ -60,6 +60,10 @@ def coverage(group_dir: str | Path) -> dict:
         h = _hits(d["ids"][m], d["top1"][m])["hit@8"]
         buckets.append({"entropy_lo": float(lo), "entropy_hi": float(hi), "n": int(m.sum()), "hit@8": h})
     report["hit8_by_entropy"] = buckets
+    # thresholds for `--trigger kl` / `--trigger entropy`, calibrated on these (training) problems
+    qs = (0.5, 0.9, 0.95, 0.99)
+    report["kl_quantiles"] = {str(q): float(np.quantile(d["kl"], q)) for q in qs}
+    report["entropy_quantiles"] = {str(q): float(np.quantile(d["entropy"], q)) for q in qs}
     return report
 
 
@@ -77,6 +81,10 @@ def format_coverage(r: dict) -> str:
     for b in r["hit8_by_entropy"]:
         h = f"{b['hit@8']:.3f}" if b["hit@8"] is not None else "-"
         lines.append(f"  [{b['entropy_lo']:.2f}, {b['entropy_hi']:.2f}]  n={b['n']:<6} hit@8 {h}")
+    lines += ["", "trigger thresholds (quantiles over all positions; --trigger kl|entropy --threshold X):"]
+    for name in ("kl", "entropy"):
+        qs = r[f"{name}_quantiles"]
+        lines.append(f"  {name:<8}" + "  ".join(f"q{float(q) * 100:g}={v:.3f}" for q, v in qs.items()))
     return "\n".join(lines)
 
 
