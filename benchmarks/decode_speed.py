@@ -62,7 +62,10 @@ def main() -> None:
     path = resolve_model(args.model)
     bundle = load_bundle(args.bundle or default_bundle_path())
 
-    ref = reference_llama(path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, n_batch=512)
+    # flash attention on, as our engine gets it from llama.cpp's defaults: same kernels on both sides
+    ref = reference_llama(
+        path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, n_batch=512, flash_attn=True
+    )
     plain = Engine(path, n_ctx=args.ctx, n_threads=args.threads)
     hidden = Engine(path, n_ctx=args.ctx, n_threads=args.threads, hidden=True)
     sel = S2TLocal(OnnxReranker(bundle.onnx_path), bundle.threshold, bundle.select_rule)
