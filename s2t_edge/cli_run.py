@@ -188,7 +188,7 @@ def stats_line(stats: DecodeStats) -> str:
 
 def totals_line(total: DecodeStats, turns: int) -> str:
     return (
-        f"{turns} turns, {total.steps} tokens, {total.tokens_per_s:.1f} tok/s, "
+        f"{turns} turn{'s' if turns != 1 else ''}, {total.steps} tokens, {total.tokens_per_s:.1f} tok/s, "
         f"triggers {total.triggers}, flips {total.flips}"
     )
 
