@@ -151,7 +151,7 @@ def test_chat_through_stdin(tiny_gguf: Path) -> None:
     out = r.stdout
     assert "/reset" in out and "/quit" in out  # the help text
     assert ">>>" not in out  # no prompt decoration when stdin is not a tty
-    assert "1 turns, 6 tokens" in out and "0 turns, 0 tokens" in out
+    assert "1 turn, 6 tokens" in out and "0 turns, 0 tokens" in out
     assert "(conversation cleared)" in out and "unknown command /nope" in out
     assert r.stderr.count("[6 tokens,") == 1  # one answer, one stats line
 
@@ -244,7 +244,7 @@ def test_chat_on_a_terminal(tiny_gguf: Path) -> None:
         _ctrl_c(fd)  # Ctrl-C at the prompt: a fresh prompt, the session goes on
         assert b"Ctrl-C again" in _read_until(fd, b">>> ")
         os.write(fd, b"/stats\n")
-        assert b"1 turns" in _read_until(fd, b">>> ")
+        assert b"1 turn," in _read_until(fd, b">>> ")
         _ctrl_c(fd)  # not twice in a row (a line came in between): a fresh prompt again
         _read_until(fd, b">>> ")
         _ctrl_c(fd)  # twice quickly: leave
