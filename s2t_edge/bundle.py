@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from s2t_edge.errors import S2TError
+from s2t_edge.store import sha256_file
 
 FORMAT_VERSION = 1
 FEATURE_VERSION = 1
@@ -32,10 +33,6 @@ def fingerprint(gguf_path: str | Path) -> str:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -83,7 +80,7 @@ def _unpack(archive: Path) -> Path:
     """Extract a bundle archive once into the cache, keyed by the archive's hash."""
     from s2t_edge.store import store_dir
 
-    dest = store_dir().parent / "bundles" / _sha256(archive)[:16]
+    dest = store_dir().parent / "bundles" / sha256_file(archive)[:16]
     if not (dest / MANIFEST).exists():
         dest.mkdir(parents=True, exist_ok=True)
         try:
@@ -122,7 +119,7 @@ def load_bundle(path: str | Path) -> Bundle:
     onnx = root / ONNX_NAME
     if not onnx.exists():
         raise S2TError(f"{p}: bundle has no {ONNX_NAME}")
-    if _sha256(onnx) != manifest.get("onnx_sha256"):
+    if sha256_file(onnx) != manifest.get("onnx_sha256"):
         raise S2TError(f"{onnx}: sha256 does not match the manifest (truncated or modified); re-export the bundle")
     return Bundle(root, manifest)
 

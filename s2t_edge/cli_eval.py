@@ -76,6 +76,7 @@ def eval_group(
     from s2t_edge.eval.results import format_table
     from s2t_edge.eval.runner import parse_policies, run_eval
     from s2t_edge.runtime import open_models
+    from s2t_edge.store import default_model
 
     if data is None:
         raise S2TError("eval needs --data FILE.jsonl (or a subcommand: eval compare DIR...)")
@@ -83,7 +84,7 @@ def eval_group(
     n_seq = max([s.maj_n or 1 for s in specs])
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
-        teacher = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+        teacher = default_model("teacher")
     wants_bundle = any(s.name == "s2t-local" for s in specs)
     models = open_models(
         model,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s2t_edge.candidates import Step
+from s2t_edge.candidates import Candidates, Step
 from s2t_edge.decode import DecodeStats, decode
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
@@ -75,8 +75,7 @@ def label_problem(
         probs.append(v.probs_on)
         top1.append(v.top1)
         top1p.append(v.top1_prob)
-        z = slm_logits - slm_logits.max()
-        kl.append(kl_on_support(v.probs_on, z - np.log(np.exp(z).sum())))
+        kl.append(kl_on_support(v.probs_on, Candidates(ids, slm_logits).logprobs))
     text = slm.detokenize([t for t in traj if not slm.is_eog(t)])
     pred = extract_answer(text)
     arrays = {

@@ -17,7 +17,7 @@ from s2t_edge.parallel import sample_parallel
 from s2t_edge.policy import Policy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
-from s2t_edge.runtime import Models, build_policy
+from s2t_edge.runtime import POLICIES, Models, build_policy
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class EvalSpec:
 
 
 def parse_policies(names: list[str]) -> list[EvalSpec]:
-    known = ("greedy", "s2t-local", "s2t", "takeover", "teacher")
+    known = (*POLICIES, "teacher")
     specs = [EvalSpec(n) for n in names]
     for s in specs:
         if s.maj_n is None and s.name not in known:
