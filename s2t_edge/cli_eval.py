@@ -43,7 +43,21 @@ from s2t_edge.errors import S2TError
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines (counted).")
-@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Decode greedy / s2t-local / teacher as a continuous batch of this many problems (several "
+    "times the throughput on a CPU; tokens can differ from --batch 1 at near-ties).",
+)
+@click.option(
+    "--ctx",
+    "n_ctx",
+    type=int,
+    default=None,
+    help="Context per sequence. Default: 4096, or max tokens + 1024 with --batch.",
+)
 @click.option("--threads", type=int, default=None)
 @click.option("--gpu-layers", type=int, default=0)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
@@ -65,6 +79,7 @@ def eval_group(
     question_field,
     answer_field,
     skip_bad,
+    batch,
     n_ctx,
     threads,
     gpu_layers,
@@ -81,7 +96,17 @@ def eval_group(
     if data is None:
         raise S2TError("eval needs --data FILE.jsonl (or a subcommand: eval compare DIR...)")
     specs = parse_policies([p for arg in (policies or ("s2t-local",)) for p in arg.split(",") if p])
-    n_seq = max([s.maj_n or 1 for s in specs])
+    from s2t_edge.eval.runner import batchable
+
+    maj_n = max([s.maj_n or 1 for s in specs])
+    batch_slm = batch if any(batchable(s) and s.name != "teacher" for s in specs) else 1
+    batch_teacher = batch if any(s.name == "teacher" for s in specs) else 1
+    # maj@N forks the prompt's cells (a unified cache); unrelated problems get a cache each
+    unified = None if maj_n > 1 or max(batch_slm, batch_teacher) == 1 else False
+    if n_ctx is None:
+        n_ctx = 4096 if unified is not False else min(4096, max_tokens + 1024)
+    if unified is None and batch_slm > 1:  # one unified cache holds the whole batch
+        n_ctx *= batch_slm
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
         teacher = default_model("teacher")
@@ -93,7 +118,9 @@ def eval_group(
         ctx=n_ctx,
         threads=threads,
         gpu_layers=gpu_layers,
-        n_seq=n_seq,
+        n_seq=max(maj_n, batch_slm),
+        teacher_seq=batch_teacher,
+        unified=unified,
     )
     try:
         rows = run_eval(
@@ -110,6 +137,7 @@ def eval_group(
             question_field=question_field,
             answer_field=answer_field,
             skip_bad=skip_bad,
+            batch=batch,
         )
     finally:
         models.close()

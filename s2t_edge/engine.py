@@ -64,7 +64,9 @@ class Engine:
 
     `hidden=True` makes `step()` also expose the final hidden state (`self.hidden`); the prompt is
     still prefilled with embeddings off, so it does not produce an output row for every token.
-    `n_seq` > 1 lets several sequences share the context (parallel sampling).
+    `n_seq` > 1 lets several sequences share the context: with a unified KV cache (the default)
+    forked samples share the prompt's cells; `unified=False` gives each sequence its own
+    `n_ctx / n_seq` cells, so unrelated prompts decoded together do not attend over each other's.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Engine:
         hidden: bool = False,
         n_seq: int = 1,
         n_batch: int = 512,
+        unified: bool | None = None,
     ) -> None:
         _init_backend()
         self.path = check_gguf_file(model_path)
@@ -94,7 +97,10 @@ class Engine:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         threads = n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = min(n_ctx, self.n_ctx_train) if n_ctx > 0 else self.n_ctx_train
+        unified = n_seq > 1 if unified is None else unified
+        streams = 1 if unified else n_seq  # a separate cache per sequence: n_ctx is their total
+        per_stream = n_ctx // streams if n_ctx > 0 else self.n_ctx_train
+        cparams.n_ctx = min(per_stream, self.n_ctx_train) * streams
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq
@@ -102,11 +108,12 @@ class Engine:
         cparams.n_threads_batch = threads
         cparams.embeddings = False
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
-        cparams.kv_unified = n_seq > 1  # forked sequences share the prompt's cells
+        cparams.kv_unified = unified
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise S2TError(f"{self.path}: could not create a context of {cparams.n_ctx} tokens")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)  # llama.cpp may pad it
         self.n_batch = n_batch
         self.n_seq = n_seq
         self.hidden_enabled = hidden
@@ -114,6 +121,7 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, n_seq)
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
         self.hidden: np.ndarray | None = None
+        self.hidden_rows: list[np.ndarray] = []
         self._embeddings_on = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -251,8 +259,7 @@ class Engine:
         self._decode((token,), self.n_past, (True,))
         self.tokens.append(token)
         if self.hidden_enabled:
-            ptr = llama_cpp.llama_get_embeddings_ith(self._ctx, -1)
-            self.hidden = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+            self.hidden = self._hidden(-1)
         return self.logits()
 
     def logits(self, i: int = -1) -> np.ndarray:
@@ -291,23 +298,52 @@ class Engine:
         for s in range(1, n):
             llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
 
-    def step_many(self, tokens: Sequence[int], seqs: Sequence[int], pos: int) -> list[np.ndarray]:
-        """One token for each of several sequences at the same position, in one batch."""
-        if pos >= self.n_ctx:
-            raise S2TError(f"context overflow: position {pos} >= n_ctx {self.n_ctx}; raise --ctx")
-        self._set_embeddings(False)
+    def step_many(self, tokens: Sequence[int], seqs: Sequence[int], pos: int | Sequence[int]) -> list[np.ndarray]:
+        """One token for each of several sequences, in one batch; `pos` is shared or per sequence.
+
+        Returns one logits view per token; with `hidden=True`, `self.hidden_rows` holds the final
+        hidden state of each (views valid until the next decode)."""
+        positions = [pos] * len(tokens) if isinstance(pos, int) else list(pos)
+        if max(positions) >= self.n_ctx_seq:
+            raise S2TError(f"context overflow: position {max(positions)} >= {self.n_ctx_seq} per sequence; raise --ctx")
+        self._set_embeddings(self.hidden_enabled)
         b = self._batch
         b.n_tokens = len(tokens)
-        for i, (t, s) in enumerate(zip(tokens, seqs)):
+        for i, (t, s, p) in enumerate(zip(tokens, seqs, positions)):
             b.token[i] = t
-            b.pos[i] = pos
+            b.pos[i] = p
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = s
             b.logits[i] = True
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise S2TError(f"llama_decode failed (code {rc}); is the context full?")
+        if self.hidden_enabled:
+            self.hidden_rows = [self._hidden(i) for i in range(len(tokens))]
         return [self.logits(i) for i in range(len(tokens))]
+
+    def prefill_seq(self, tokens: Sequence[int], seq: int) -> np.ndarray:
+        """Decode `tokens` into the empty sequence `seq` from position 0; returns the last logits
+        (a view). With `hidden=True` the last token runs alone with embeddings on (`self.hidden`)."""
+        if not tokens:
+            raise S2TError("empty prompt")
+        if len(tokens) > self.n_ctx_seq:
+            raise S2TError(f"context overflow: a {len(tokens)}-token prompt > {self.n_ctx_seq} per sequence")
+        self._set_embeddings(False)
+        head = tokens[:-1] if self.hidden_enabled else tokens
+        for start in range(0, len(head), self.n_batch):
+            chunk = head[start : start + self.n_batch]
+            last = start + len(chunk) == len(head) and not self.hidden_enabled
+            self._decode(chunk, start, [False] * (len(chunk) - 1) + [last], seq)
+        if self.hidden_enabled:
+            self._set_embeddings(True)
+            self._decode(tokens[-1:], len(tokens) - 1, (True,), seq)
+            self.hidden = self._hidden(-1)
+        return self.logits()
+
+    def _hidden(self, i: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_embeddings_ith(self._ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
 
     def drop_seq(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)

@@ -6,10 +6,12 @@ surfaces and the test fails, so CI cannot pass vacuously.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from s2t_edge.bundle import MANIFEST
 from tests.tiny_gguf import write_tiny_gguf
 
 TEACHER_KW = {"seed": 1, "n_embd": 96, "n_ff": 192, "n_layer": 3}
@@ -57,3 +59,46 @@ def teacher_path() -> Path:
     from s2t_edge.store import resolve_model
 
     return Path(resolve_model(None, role="teacher", pull=True))
+
+
+# ---- a bundle and a problem set for the runtime and eval tests (tiny SLM) ---------------------------
+
+PROBLEMS = [
+    {"question": "Tom has 3 apples and buys 2 more. How many apples?", "answer": "3 + 2 = 5\n#### 5"},
+    {"question": "A box holds 4 pens. How many pens in 3 boxes?", "answer": "4 * 3 = 12\n#### 12"},
+    {"question": "Sara had 10 dollars and spent 7. How much is left?", "answer": "10 - 7 = 3\n#### 3"},
+]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    """A bundle exported from a reranker trained on synthetic groups (see test_train_export)."""
+    from s2t_edge.export.bundle_writer import export_bundle
+
+    from tests.test_train_export import train_synthetic
+
+    tmp = tmp_path_factory.mktemp("runtime")
+    _, ckpt, _ = train_synthetic(tmp, tiny_gguf)
+    return export_bundle(tiny_gguf, ckpt, tmp / "bundle")
+
+
+@pytest.fixture(scope="session")
+def always_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Path:
+    """The same bundle with threshold 0: the trigger fires at every step. The threshold lives in
+    the manifest, so the ONNX file (and its sha256) is untouched and the bundle still verifies."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("always") / "bundle"
+    shutil.copytree(bundle_dir, root)
+    m = json.loads((root / MANIFEST).read_text())
+    m["threshold"] = 0.0
+    m["select_rule"] = "best"
+    (root / MANIFEST).write_text(json.dumps(m))
+    return root
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    return path

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from s2t_edge.export.bundle_writer import export_bundle
 
 from s2t_edge.bundle import MANIFEST, load_bundle
 from s2t_edge.cli import main
@@ -22,45 +21,10 @@ from s2t_edge.parallel import sample_parallel
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.reranker import S2TLocal
 from s2t_edge.runtime import Models, build_policy, open_models
-from tests.test_train_export import train_synthetic
+from tests.conftest import PROBLEMS
 
 PROMPT = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 10
-PROBLEMS = [
-    {"question": "Tom has 3 apples and buys 2 more. How many apples?", "answer": "3 + 2 = 5\n#### 5"},
-    {"question": "A box holds 4 pens. How many pens in 3 boxes?", "answer": "4 * 3 = 12\n#### 12"},
-    {"question": "Sara had 10 dollars and spent 7. How much is left?", "answer": "10 - 7 = 3\n#### 3"},
-]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
-    """A bundle exported from a reranker trained on synthetic groups (see test_train_export)."""
-    tmp = tmp_path_factory.mktemp("runtime")
-    _, ckpt, _ = train_synthetic(tmp, tiny_gguf)
-    return export_bundle(tiny_gguf, ckpt, tmp / "bundle")
-
-
-@pytest.fixture(scope="module")
-def always_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Path:
-    """The same bundle with threshold 0: the trigger fires at every step. The threshold lives in
-    the manifest, so the ONNX file (and its sha256) is untouched and the bundle still verifies."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("always") / "bundle"
-    shutil.copytree(bundle_dir, root)
-    m = json.loads((root / MANIFEST).read_text())
-    m["threshold"] = 0.0
-    m["select_rule"] = "best"
-    (root / MANIFEST).write_text(json.dumps(m))
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    return path
 
 
 def open_tiny(model: Path, bundle: Path | str, **kw) -> Models:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from s2t_edge.batch import decode_batch
 from s2t_edge.collect import problem_prompt
 from s2t_edge.decode import DecodeStats, decode
+from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import extract_answer, is_correct
@@ -80,20 +83,44 @@ def _solve(
             "triggers": 0,
             "flips": 0,
         }
-    engine = models.teacher if spec.name == "teacher" else models.slm
+    engine = _engine_for(models, spec)
     prompt = problem_prompt(engine, template, problem.question)
     stats = DecodeStats()
     ids = [t.id for t in decode(engine, prompt, max_tokens=max_tokens, stats=stats, **policy.decode_args())]
+    return _decoded_record(engine, ids, stats, time.perf_counter() - t0)
+
+
+def _engine_for(models: Models, spec: EvalSpec) -> Engine:
+    return models.teacher if spec.name == "teacher" else models.slm
+
+
+def _decoded_record(engine: Engine, ids: list[int], stats: DecodeStats, seconds: float) -> dict:
     text = engine.detokenize(ids)
     return {
         "output": text,
         "pred": extract_answer(text),
         "tokens": len(ids),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "triggers": stats.triggers,
         "flips": stats.flips,
         "finish_reason": stats.finish_reason,
     }
+
+
+def _solve_batched(
+    models: Models, template: ChatTemplate, spec: EvalSpec, policy: Policy, problems: list[Problem], *, max_tokens: int
+) -> Iterator[tuple[Problem, dict]]:
+    """Answer `problems` as one continuous batch; yields (problem, record) as each finishes. A
+    record's seconds are its share of the batched decode (cost per problem, not latency)."""
+    engine = _engine_for(models, spec)
+    prompts = [problem_prompt(engine, template, p.question) for p in problems]
+    for i, ids, stats in decode_batch(engine, prompts, policy, max_tokens=max_tokens):
+        yield problems[i], _decoded_record(engine, ids, stats, stats.model_s + stats.ours_s)
+
+
+def batchable(spec: EvalSpec) -> bool:
+    """Policies that run as one continuous batch of problems (no teacher in the loop)."""
+    return spec.name in ("greedy", "s2t-local", "teacher")
 
 
 def run_eval(
@@ -112,8 +139,12 @@ def run_eval(
     answer_field: str = "answer",
     skip_bad: bool = False,
     progress: bool = True,
+    batch: int = 1,
 ) -> list[dict]:
-    """Evaluate each policy into `out/<policy>/`; rerunning skips finished problems. Returns summaries."""
+    """Evaluate each policy into `out/<policy>/`; rerunning skips finished problems. Returns summaries.
+
+    `batch` > 1 decodes greedy, s2t-local and teacher as a continuous batch of that many problems
+    (the engines must have been opened with as many sequences)."""
     problems, n_bad = load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
     if n_bad:
         print(f"skipped {n_bad} bad line(s) in {data}")
@@ -122,7 +153,8 @@ def run_eval(
     for spec in specs:
         if spec.needs_teacher and models.teacher is None:
             raise S2TError(f"policy {spec.name} needs --teacher MODEL")
-        engine = models.teacher if spec.name == "teacher" else models.slm
+        engine = _engine_for(models, spec)
+        batched = batch > 1 and batchable(spec)
         settings = {
             "policy": spec.name,
             "model": engine.path.name,
@@ -138,6 +170,8 @@ def run_eval(
             "trigger": trigger if spec.name in ("s2t", "takeover") else None,
             "threshold": threshold if spec.name in ("s2t", "takeover") else None,
         }
+        if batched:  # batched kernels reorder float sums: not mixed with unbatched results
+            settings["batch"] = batch
         results = ResultsDir(out / spec.name.replace("@", "_at_"), settings)
         policy = (
             None
@@ -151,9 +185,12 @@ def run_eval(
         correct = sum(r["correct"] for r in results.records())
         bar = Progress(len(problems), spec.name, progress)
         bar.done = len(problems) - len(todo)
+        if batched:
+            solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens)
+        else:
+            solved = ((p, _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)) for p in todo)
         try:
-            for p in todo:
-                rec = _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)
+            for p, rec in solved:
                 rec = {
                     "id": p.id,
                     "policy": spec.name,

@@ -1,0 +1,143 @@
+"""Continuous batching of many prompts (`decode_batch`) on the tiny SLM, and `eval --batch`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from s2t_edge.batch import decode_batch
+from s2t_edge.cli import main
+from s2t_edge.decode import decode
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+from s2t_edge.eval.runner import parse_policies, run_eval
+from s2t_edge.policy import greedy
+from s2t_edge.runtime import build_policy
+from tests.conftest import PROBLEMS
+from tests.test_runtime_policy import open_tiny, run
+
+QUESTIONS = [
+    "What is 2 + 2?",
+    "Name a colour.",
+    "Count to five.",
+    "Say hello in French.",
+    "What is the capital of Italy?",
+]
+
+
+def prompts(e: Engine) -> list[list[int]]:
+    return [e.tokenize(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") for q in QUESTIONS]
+
+
+def sequential(model: Path, max_tokens: int, **engine_kw) -> list[list[int]]:
+    with Engine(model, n_ctx=512, n_threads=1, **engine_kw) as e:
+        return [[t.id for t in decode(e, p, max_tokens=max_tokens)] for p in prompts(e)]
+
+
+@pytest.mark.parametrize("n_seq", [1, 2, 5])
+def test_batch_matches_one_prompt_at_a_time(tiny_gguf: Path, n_seq: int) -> None:
+    """Fewer slots than prompts exercises refilling a finished slot with the next prompt."""
+    ref = sequential(tiny_gguf, 12)
+    with Engine(tiny_gguf, n_ctx=512 * n_seq, n_threads=1, n_seq=n_seq, unified=False) as e:
+        got = {i: (ids, st) for i, ids, st in decode_batch(e, prompts(e), greedy(), max_tokens=12)}
+        assert e.n_past == 0
+    assert sorted(got) == list(range(len(QUESTIONS)))
+    assert [got[i][0] for i in range(len(QUESTIONS))] == ref
+    for i, (ids, st) in got.items():
+        assert st.prompt_tokens == len(prompts_of(tiny_gguf)[i])
+        assert st.steps == len(ids) + (st.finish_reason == "stop")
+        assert st.finish_reason in ("stop", "length") and st.model_s > 0 and st.prefill_s > 0
+        assert (st.finish_reason == "length") == (len(ids) == 12)
+
+
+def prompts_of(model: Path) -> list[list[int]]:
+    with Engine(model, n_ctx=512, n_threads=1) as e:
+        return prompts(e)
+
+
+def test_batch_runs_s2t_local_per_slot(tiny_gguf: Path, always_bundle: Path) -> None:
+    """The reranker sees each slot's own hidden state: the batch equals s2t-local one prompt at a time."""
+    seq_models = open_tiny(tiny_gguf, always_bundle)
+    try:
+        policy = build_policy(seq_models, "s2t-local")
+        ref = [run(seq_models.slm, p, **policy.decode_args()) for p in prompts(seq_models.slm)]
+    finally:
+        seq_models.close()
+    models = open_tiny(tiny_gguf, always_bundle, n_seq=3, unified=False)
+    try:
+        policy = build_policy(models, "s2t-local")
+        got = {i: (ids, st) for i, ids, st in decode_batch(models.slm, prompts(models.slm), policy, max_tokens=10)}
+    finally:
+        models.close()
+    assert [got[i][0] for i in range(len(QUESTIONS))] == [ids for ids, _ in ref]
+    assert [(got[i][1].triggers, got[i][1].flips) for i in range(len(QUESTIONS))] == [
+        (st.triggers, st.flips) for _, st in ref
+    ]
+    assert sum(st.flips for _, st in ref) > 0  # the reranker did change tokens
+
+
+def test_batch_refuses_policy_without_hidden(tiny_gguf: Path, always_bundle: Path) -> None:
+    models = open_tiny(tiny_gguf, always_bundle)
+    try:
+        policy = build_policy(models, "s2t-local")
+    finally:
+        models.close()
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1, n_seq=2) as e, pytest.raises(S2TError, match="hidden=True"):
+        list(decode_batch(e, prompts(e), policy))
+
+
+def test_batch_prompt_longer_than_a_slot(tiny_gguf: Path) -> None:
+    with Engine(tiny_gguf, n_ctx=64, n_threads=1, n_seq=2, unified=False) as e:
+        assert e.n_ctx_seq == e.n_ctx // 2
+        with pytest.raises(S2TError, match="context overflow"):
+            list(decode_batch(e, [e.tokenize("word " * 300)], greedy()))
+
+
+def test_batch_stops_when_a_slot_is_full(tiny_gguf: Path) -> None:
+    with Engine(tiny_gguf, n_ctx=2 * 256, n_threads=1, n_seq=2, unified=False) as e:
+        ps = prompts(e)[:2]
+        out = {i: (ids, st) for i, ids, st in decode_batch(e, ps, greedy(), max_tokens=10_000)}
+    for i, (ids, st) in out.items():
+        assert st.finish_reason == "stop" or len(ps[i]) + len(ids) == e.n_ctx_seq + 1
+
+
+def test_run_eval_batched_equals_unbatched(tmp_path: Path, tiny_gguf: Path, bundle_dir: Path, data: Path) -> None:
+    specs = parse_policies(["greedy", "s2t-local"])
+    one = open_tiny(tiny_gguf, bundle_dir)
+    try:
+        run_eval(one, data, specs, tmp_path / "one", max_tokens=10, progress=False)
+    finally:
+        one.close()
+    many = open_tiny(tiny_gguf, bundle_dir, n_seq=2, unified=False)
+    try:
+        rows = run_eval(many, data, specs, tmp_path / "many", max_tokens=10, progress=False, batch=2)
+        with pytest.raises(S2TError, match="different settings: batch"):  # not mixed with --batch 1
+            run_eval(many, data, specs[:1], tmp_path / "one", max_tokens=10, progress=False, batch=2)
+    finally:
+        many.close()
+    assert [r["n"] for r in rows] == [len(PROBLEMS)] * 2
+    for name in ("greedy", "s2t-local"):
+        a = {r["id"]: r for r in map(json.loads, (tmp_path / "one" / name / "results.jsonl").read_text().splitlines())}
+        b = {r["id"]: r for r in map(json.loads, (tmp_path / "many" / name / "results.jsonl").read_text().splitlines())}
+        assert sorted(a) == sorted(b)
+        for i in a:
+            assert (a[i]["output"], a[i]["tokens"], a[i]["flips"]) == (b[i]["output"], b[i]["tokens"], b[i]["flips"])
+            assert b[i]["seconds"] > 0
+        assert json.loads((tmp_path / "many" / name / "settings.json").read_text())["batch"] == 2
+
+
+def test_cli_eval_batch(tmp_path: Path, tiny_gguf: Path, data: Path) -> None:
+    args = ["eval", "--data", str(data), "--policy", "greedy", "--model", str(tiny_gguf), "--threads", "1"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--batch", "3", "--max-tokens", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert row["n"] == len(PROBLEMS)
+    r1 = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "s"), "--max-tokens", "8", "--json"])
+    assert r1.exit_code == 0, r1.output
+    assert json.loads(r1.stdout)[0]["correct"] == row["correct"]
+    out_b = (tmp_path / "b" / "greedy" / "results.jsonl").read_text().splitlines()
+    out_s = (tmp_path / "s" / "greedy" / "results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["output"] for x in out_b) == sorted(json.loads(x)["output"] for x in out_s)
