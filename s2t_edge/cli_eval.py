@@ -99,14 +99,14 @@ def eval_group(
     from s2t_edge.eval.runner import batchable
 
     maj_n = max([s.maj_n or 1 for s in specs])
-    batch_slm = batch if any(batchable(s) and s.name != "teacher" for s in specs) else 1
-    batch_teacher = batch if any(s.name == "teacher" for s in specs) else 1
+    batch_slm = batch if any(batchable(s, trigger) and s.name != "teacher" for s in specs) else 1
+    batch_teacher = batch if any(batchable(s, trigger) and s.needs_teacher for s in specs) else 1
     # maj@N forks the prompt's cells (a unified cache); unrelated problems get a cache each
     unified = None if maj_n > 1 or max(batch_slm, batch_teacher) == 1 else False
     if n_ctx is None:
         n_ctx = 4096 if unified is not False else min(4096, max_tokens + 1024)
-    if unified is None and batch_slm > 1:  # one unified cache holds the whole batch
-        n_ctx *= batch_slm
+    if unified is None and max(batch_slm, batch_teacher) > 1:  # one unified cache holds the batch
+        n_ctx *= max(batch_slm, batch_teacher)
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
         teacher = default_model("teacher")

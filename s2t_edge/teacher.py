@@ -70,10 +70,14 @@ class TeacherSelector:
         return self._cache[1]
 
     def select(self, step: Step) -> int:
-        logits = self.logits(step)
-        if self.mode == "takeover":
-            return int(np.argmax(logits))
-        return int(step.cands.ids[int(np.argmax(logits[step.cands.ids]))])
+        return teacher_choice(self.logits(step), step.cands.ids, self.mode)
+
+
+def teacher_choice(logits: np.ndarray, cand_ids: np.ndarray, mode: str) -> int:
+    """s2t: the candidate the teacher likes best; takeover: the teacher's own top-1."""
+    if mode == "takeover":
+        return int(np.argmax(logits))
+    return int(cand_ids[int(np.argmax(logits[cand_ids]))])
 
 
 class KLTrigger:

@@ -15,7 +15,7 @@ from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.eval.runner import parse_policies, run_eval
 from s2t_edge.policy import greedy
-from s2t_edge.runtime import build_policy
+from s2t_edge.runtime import build_policy, open_models
 from tests.conftest import PROBLEMS
 from tests.test_runtime_policy import open_tiny, run
 
@@ -141,3 +141,34 @@ def test_cli_eval_batch(tmp_path: Path, tiny_gguf: Path, data: Path) -> None:
     out_b = (tmp_path / "b" / "greedy" / "results.jsonl").read_text().splitlines()
     out_s = (tmp_path / "s" / "greedy" / "results.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["output"] for x in out_b) == sorted(json.loads(x)["output"] for x in out_s)
+
+
+@pytest.mark.parametrize("mode", ["s2t", "takeover"])
+def test_batch_teacher_policies_match_one_prompt_at_a_time(tiny_gguf: Path, tiny_teacher_gguf: Path, mode: str) -> None:
+    """The teacher runs as a second batch in lockstep and selects exactly as it does alone."""
+    seq = open_models(str(tiny_gguf), bundle="none", teacher=str(tiny_teacher_gguf), ctx=256, threads=1)
+    try:
+        policy = build_policy(seq, mode)
+        ref = [run(seq.slm, p, **policy.decode_args()) for p in prompts(seq.slm)]
+    finally:
+        seq.close()
+    many = open_models(
+        str(tiny_gguf),
+        bundle="none",
+        teacher=str(tiny_teacher_gguf),
+        ctx=256,
+        threads=1,
+        n_seq=2,
+        teacher_seq=2,
+        unified=False,
+    )
+    try:
+        policy = build_policy(many, mode)
+        got = {i: (ids, st) for i, ids, st in decode_batch(many.slm, prompts(many.slm), policy, max_tokens=10)}
+        with pytest.raises(S2TError, match="trigger always only"):
+            list(decode_batch(many.slm, prompts(many.slm), build_policy(many, mode, trigger="entropy", threshold=0.1)))
+    finally:
+        many.close()
+    assert [got[i][0] for i in range(len(QUESTIONS))] == [ids for ids, _ in ref]
+    assert [got[i][1].flips for i in range(len(QUESTIONS))] == [st.flips for _, st in ref]
+    assert sum(st.flips for _, st in ref) > 0 and all(st.triggers == st.steps for _, st in ref)

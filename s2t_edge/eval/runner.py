@@ -118,9 +118,9 @@ def _solve_batched(
         yield problems[i], _decoded_record(engine, ids, stats, stats.model_s + stats.ours_s)
 
 
-def batchable(spec: EvalSpec) -> bool:
-    """Policies that run as one continuous batch of problems (no teacher in the loop)."""
-    return spec.name in ("greedy", "s2t-local", "teacher")
+def batchable(spec: EvalSpec, trigger: str = "always") -> bool:
+    """Policies that run as one continuous batch of problems (teacher policies: trigger always)."""
+    return spec.name in ("greedy", "s2t-local", "teacher") or (spec.name in ("s2t", "takeover") and trigger == "always")
 
 
 def run_eval(
@@ -154,7 +154,7 @@ def run_eval(
         if spec.needs_teacher and models.teacher is None:
             raise S2TError(f"policy {spec.name} needs --teacher MODEL")
         engine = _engine_for(models, spec)
-        batched = batch > 1 and batchable(spec)
+        batched = batch > 1 and batchable(spec, trigger)
         settings = {
             "policy": spec.name,
             "model": engine.path.name,
