@@ -1,6 +1,6 @@
 """Reranker architecture ablation: held-out metrics per variant on one groups directory.
 
-    python benchmarks/ablate_reranker.py GROUPS_DIR [THREADS]
+    python benchmarks/ablate_reranker.py GROUPS_DIR [THREADS] [VARIANT ...]
 
 Same split (seed 0), same training recipe; only the inputs / size change. Prints one JSON line
 per variant (val = threshold and checkpoint selection, test = reported).
@@ -25,8 +25,12 @@ variants = {
     "+ hidden + tokens (r=32)": TrainConfig(),
     "+ hidden + tokens (r=48, width 128)": TrainConfig(rank=48, width=128),
     "+ hidden + tokens (r=32), 10 epochs": TrainConfig(epochs=10),
+    "+ token prior": TrainConfig(token_prior=True),
+    "+ token prior, divergence x4": TrainConfig(token_prior=True, divergent_weight=4.0),
 }
-for name, cfg in variants.items():
+chosen = sys.argv[3:] or list(variants)
+for name in chosen:
+    cfg = variants[name]
     t = time.time()
     r = train(groups, f"{tempfile.gettempdir()}/ablate/{name.replace(' ', '_')}", slm, cfg, progress=False)
     te, va = r["test"], r["val"]

@@ -102,9 +102,13 @@ def coverage(groups, as_json, plot):
 @click.option("--width", type=int, default=64, show_default=True)
 @click.option("--no-hidden", is_flag=True, help="Ablation: no hidden-state features.")
 @click.option("--no-tokens", is_flag=True, help="Ablation: no candidate token identity.")
+@click.option("--token-prior", is_flag=True, help="Also score each candidate's identity on its own (context-free).")
+@click.option(
+    "--divergent-weight", type=float, default=1.0, show_default=True, help="Selection-loss weight of divergence points."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, seed, as_json):
+def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, token_prior, divergent_weight, seed, as_json):
     """Distill the teacher's selection into the tiny reranker."""
     _need_training_extra()
     from s2t_edge.store import resolve_model
@@ -112,7 +116,15 @@ def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, seed, 
     from s2t_edge.train.train import train as run
 
     cfg = TrainConfig(
-        k=k, epochs=epochs, rank=rank, width=width, use_hidden=not no_hidden, use_tokens=not no_tokens, seed=seed
+        k=k,
+        epochs=epochs,
+        rank=rank,
+        width=width,
+        use_hidden=not no_hidden,
+        use_tokens=not no_tokens,
+        token_prior=token_prior,
+        divergent_weight=divergent_weight,
+        seed=seed,
     )
     r = run(groups, out, resolve_model(slm), cfg)
     if as_json:

@@ -338,3 +338,20 @@ def test_quantize_q8_0(tmp_path: Path, tiny_gguf: Path) -> None:
     with pytest.raises(S2TError, match="could not quantize"):
         quantize_gguf(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q8_0")
     assert not (tmp_path / "y.gguf").exists() and not (tmp_path / "y.partial").exists()
+
+
+def test_token_prior_variant_trains_and_exports(tmp_path: Path, tiny_gguf: Path, trained) -> None:
+    """The context-free token-code path changes the model, survives the checkpoint and exports
+    with parity (export checks onnxruntime == torch itself)."""
+    from dataclasses import replace
+
+    cfg = replace(CFG, token_prior=True, epochs=2)
+    report = train(trained[2], tmp_path / "ckpt", tiny_gguf, cfg, progress=False)
+    assert report["config"]["token_prior"] is True
+    model, _ = load_checkpoint(tmp_path / "ckpt" / "reranker.pt")
+    base, _ = load_checkpoint(trained[1])
+    assert model.token_prior and not base.token_prior
+    assert model.cand_mlp[0].in_features == base.cand_mlp[0].in_features + CFG.rank
+    out = export_bundle(tiny_gguf, tmp_path / "ckpt" / "reranker.pt", tmp_path / "bundle")
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["training"]["config"]["token_prior"] is True and m["onnx_parity_max_abs_diff"] <= 1e-4

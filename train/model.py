@@ -16,14 +16,22 @@ FEATURE_VERSION = 1  # inputs: hidden [B,H] f32, ids [B,K] i64, logits [B,K] f32
 
 class Reranker(nn.Module):
     def __init__(
-        self, n_embd: int, k: int, rank: int = 32, width: int = 64, use_hidden: bool = True, use_tokens: bool = True
+        self,
+        n_embd: int,
+        k: int,
+        rank: int = 32,
+        width: int = 64,
+        use_hidden: bool = True,
+        use_tokens: bool = True,
+        token_prior: bool = False,
     ) -> None:
         super().__init__()
         self.k, self.rank, self.use_hidden, self.use_tokens = k, rank, use_hidden, use_tokens
+        self.token_prior = token_prior and use_tokens and use_hidden  # without h, codes enter alone anyway
         self.h_proj = nn.Linear(n_embd, rank)
         self.tok_proj = nn.Linear(n_embd, rank, bias=False)  # applied to output-embedding rows
         self.rank_emb = nn.Embedding(k, 8)
-        cand_in = 8 + 4 + (rank if use_tokens else 0) + (rank if use_hidden else 0)
+        cand_in = 8 + 4 + (rank if use_tokens else 0) + (rank if use_hidden else 0) + (rank if self.token_prior else 0)
         self.cand_mlp = nn.Sequential(nn.Linear(cand_in, width), nn.GELU(), nn.Linear(width, 1))
         trig_in = k + 2 + (rank if use_hidden else 0)
         self.trig_mlp = nn.Sequential(nn.Linear(trig_in, width), nn.GELU(), nn.Linear(width, 1))
@@ -50,6 +58,8 @@ class Reranker(nn.Module):
             parts.append(codes * hp.unsqueeze(1) if hp is not None else codes)
         if hp is not None:
             parts.append(hp.unsqueeze(1).expand(B, K, -1))
+        if self.token_prior:  # the candidate's identity alone: which tokens the teacher tends to prefer
+            parts.append(codes)
         scores = lp + self.cand_mlp(torch.cat(parts, -1)).squeeze(-1)
         trig_parts = [lp, entropy, margin] + ([hp] if hp is not None else [])
         trigger = self.trig_mlp(torch.cat(trig_parts, -1)).squeeze(-1)

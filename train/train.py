@@ -24,6 +24,7 @@ class TrainConfig:
     width: int = 64
     use_hidden: bool = True
     use_tokens: bool = True
+    token_prior: bool = False  # also feed the token code on its own (context-free preference)
     epochs: int = 6
     batch: int = 256
     lr: float = 2e-3
@@ -126,7 +127,9 @@ def train(
     tr_p, va_p, te_p = split_problems(len(groups.problem_ids), cfg.seed)
     tr, va, te = groups.subset(tr_p), groups.subset(va_p), groups.subset(te_p)
     emb = output_embedding(slm_path) if cfg.use_tokens else None
-    model = Reranker(groups.hidden.shape[1], cfg.k, cfg.rank, cfg.width, cfg.use_hidden, cfg.use_tokens)
+    model = Reranker(
+        groups.hidden.shape[1], cfg.k, cfg.rank, cfg.width, cfg.use_hidden, cfg.use_tokens, cfg.token_prior
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(tr) + cfg.batch - 1) // cfg.batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -218,7 +221,9 @@ def load_checkpoint(path: str | Path) -> tuple[Reranker, dict]:
         c = ckpt["report"]["config"]
     except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as e:
         raise S2TError(f"{path}: not a reranker checkpoint from `s2t-edge train` ({e})") from e
-    model = Reranker(ckpt["n_embd"], c["k"], c["rank"], c["width"], c["use_hidden"], c["use_tokens"])
+    model = Reranker(
+        ckpt["n_embd"], c["k"], c["rank"], c["width"], c["use_hidden"], c["use_tokens"], c.get("token_prior", False)
+    )
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt
