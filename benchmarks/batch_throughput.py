@@ -37,7 +37,7 @@ def main() -> None:
     problems, _ = load_problems(args.data, limit=args.problems)
     bundle = None if args.policy == "s2t-local" else "none"
     ctx = args.max_tokens + 1024
-    models = {b: open_models(bundle=bundle, ctx=ctx, threads=args.threads, n_seq=b, unified=False) for b in sizes}
+    models = {b: open_models(bundle=bundle, ctx=ctx * b, threads=args.threads, n_seq=b) for b in sizes}
     first = models[sizes[0]]
     template = ChatTemplate(first.slm)
     prompts = [problem_prompt(first.slm, template, p.question) for p in problems]

@@ -56,7 +56,7 @@ from s2t_edge.errors import S2TError
     "n_ctx",
     type=int,
     default=None,
-    help="Context per sequence. Default: 4096, or max tokens + 1024 with --batch.",
+    help="Context per sequence (the cache holds one per sequence). Default: 4096, or max tokens + 1024 with --batch.",
 )
 @click.option("--threads", type=int, default=None)
 @click.option("--gpu-layers", type=int, default=0)
@@ -101,12 +101,12 @@ def eval_group(
     maj_n = max([s.maj_n or 1 for s in specs])
     batch_slm = batch if any(batchable(s, trigger) and s.name != "teacher" for s in specs) else 1
     batch_teacher = batch if any(batchable(s, trigger) and s.needs_teacher for s in specs) else 1
-    # maj@N forks the prompt's cells (a unified cache); unrelated problems get a cache each
-    unified = None if maj_n > 1 or max(batch_slm, batch_teacher) == 1 else False
     if n_ctx is None:
-        n_ctx = 4096 if unified is not False else min(4096, max_tokens + 1024)
-    if unified is None and max(batch_slm, batch_teacher) > 1:  # one unified cache holds the batch
-        n_ctx *= max(batch_slm, batch_teacher)
+        n_ctx = 4096 if batch == 1 else min(4096, max_tokens + 1024)
+    # One unified KV cache per model holds every sequence (as llama-server does): with a cache per
+    # sequence, llama.cpp splits a step into several ubatches as soon as the active sequences are
+    # not consecutive, which is most of the time once problems finish at different lengths.
+    n_ctx *= max(batch_slm, batch_teacher)  # maj@N samples share their prompt: 4096 holds them
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
         teacher = default_model("teacher")
@@ -120,7 +120,6 @@ def eval_group(
         gpu_layers=gpu_layers,
         n_seq=max(maj_n, batch_slm),
         teacher_seq=batch_teacher,
-        unified=unified,
     )
     try:
         rows = run_eval(
