@@ -37,11 +37,11 @@ class ChatSession:
         prompt = self.engine.tokenize(self.template.render(self.messages), special=True)
         self.last = DecodeStats()
         ids: list[int] = []
-        if len(prompt) >= self.engine.n_ctx:
+        if len(prompt) >= self.engine.n_ctx_seq:
             self.messages.pop()  # a turn that cannot fit is not kept, so the session stays usable
             raise S2TError(
                 f"context overflow: the conversation is {len(prompt)} tokens, n_ctx is "
-                f"{self.engine.n_ctx}; /reset the chat or raise --ctx"
+                f"{self.engine.n_ctx_seq}; /reset the chat or raise --ctx"
             )
         try:
             for tok in decode(

@@ -96,7 +96,7 @@ def decode(
         t2 = time.perf_counter()
         stats.ours_s += t2 - t1
         yield Token(token, text, fired, flipped)
-        if i == max_tokens - 1 or engine.n_past >= engine.n_ctx:
+        if i == max_tokens - 1 or engine.n_past >= engine.n_ctx_seq:
             return  # max tokens, or context full (a documented truncation): finish_reason "length"
         t2 = time.perf_counter()  # time the consumer spent is neither ours nor the model's
         logits = engine.step(token)

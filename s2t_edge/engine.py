@@ -98,9 +98,10 @@ class Engine:
         threads = n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         unified = n_seq > 1 if unified is None else unified
-        streams = 1 if unified else n_seq  # a separate cache per sequence: n_ctx is their total
-        per_stream = n_ctx // streams if n_ctx > 0 else self.n_ctx_train
-        cparams.n_ctx = min(per_stream, self.n_ctx_train) * streams
+        # n_ctx is the total over all sequences; no sequence may outgrow the trained context
+        cparams.n_ctx = min(n_ctx, self.n_ctx_train * n_seq) if n_ctx > 0 else self.n_ctx_train
+        if not unified:  # a separate cache per sequence
+            cparams.n_ctx = min(n_ctx // n_seq, self.n_ctx_train) * n_seq
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq
@@ -113,7 +114,8 @@ class Engine:
         if not self._ctx:
             raise S2TError(f"{self.path}: could not create a context of {cparams.n_ctx} tokens")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)  # llama.cpp may pad it
+        # positions one sequence may reach (llama.cpp may pad its own figure)
+        self.n_ctx_seq = min(llama_cpp.llama_n_ctx_seq(self._ctx), self.n_ctx_train)
         self.n_batch = n_batch
         self.n_seq = n_seq
         self.hidden_enabled = hidden
@@ -212,10 +214,10 @@ class Engine:
             self._embeddings_on = on
 
     def _check_room(self, n_new: int) -> None:
-        if self.n_past + n_new > self.n_ctx:
+        if self.n_past + n_new > self.n_ctx_seq:
             raise S2TError(
                 f"context overflow: {self.n_past} tokens in context + {n_new} new > n_ctx "
-                f"{self.n_ctx}; shorten the prompt, /reset the chat or raise --ctx"
+                f"{self.n_ctx_seq}; shorten the prompt, /reset the chat or raise --ctx"
             )
 
     def _decode(self, tokens: Sequence[int], pos0: int, outputs: Sequence[bool], seq: int = 0) -> None:

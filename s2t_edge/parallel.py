@@ -44,7 +44,7 @@ def sample_parallel(
             still = [(s, t) for s, t in zip(active, picks) if not engine.is_eog(t)]
             for s, t in still:
                 outs[s].append(t)
-            if not still or pos >= engine.n_ctx:
+            if not still or pos >= engine.n_ctx_seq:
                 break
             active = [s for s, _ in still]
             rows = engine.step_many([t for _, t in still], active, pos)
