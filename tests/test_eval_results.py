@@ -212,3 +212,23 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
     with pytest.raises(S2TError, match="plotting needs matplotlib: pip install matplotlib"):
         plot_compare([{"policy": "greedy", "accuracy": 0.5, "s_per_problem": 1.0}], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_compare_pairs_each_policy_with_greedy(tmp_path):
+    """+/- counts are per problem on the common ids; p is the exact two-sided McNemar value."""
+    from s2t_edge.eval.compare import mcnemar_exact
+
+    _run(tmp_path / "g", SETTINGS, [_rec(i, i in (0, 1, 2)) for i in range(8)])
+    _run(
+        tmp_path / "s",
+        {**SETTINGS, "policy": "s2t-local"},
+        [_rec(i, i in (2, 3, 4, 5, 6), policy="s2t-local") for i in range(8)],
+    )
+    g, s = compare_runs([tmp_path / "g", tmp_path / "s"])
+    assert "wins_vs_greedy" not in g
+    assert (s["wins_vs_greedy"], s["losses_vs_greedy"]) == (4, 2)  # solved 3,4,5,6 / lost 0,1
+    assert s["p_vs_greedy"] == pytest.approx(2 * (1 + 6 + 15) / 64)  # 2 * P(X <= 2), X ~ Bin(6, 1/2)
+    table = format_table([g, s])
+    assert "vs greedy" in table and "+4/-2, p=0.69" in table
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_exact(5, 5) == 1.0

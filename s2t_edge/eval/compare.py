@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from s2t_edge.errors import S2TError
@@ -31,6 +32,7 @@ def compare_runs(dirs: list[Path]) -> list[dict]:
     if not common:
         raise S2TError("the runs share no problem ids; were they run on the same data file?")
     policies = [s.get("policy") or d.name for d, s, _ in runs]
+    base = _correct_by_id(runs[policies.index("greedy")][2], common) if "greedy" in policies else None
     rows = []
     for (d, settings, recs), policy in zip(runs, policies):
         row = summarize([r for r in recs if str(r.get("id")) in common], policy=policy)
@@ -42,8 +44,31 @@ def compare_runs(dirs: list[Path]) -> list[dict]:
             n_total=len({str(r.get("id")) for r in recs}),
             n_common=len(common),
         )
+        if base is not None and policy != "greedy":
+            mine = _correct_by_id(recs, common)
+            wins = sum(mine[i] and not base[i] for i in common)
+            losses = sum(base[i] and not mine[i] for i in common)
+            row.update(wins_vs_greedy=wins, losses_vs_greedy=losses, p_vs_greedy=mcnemar_exact(wins, losses))
         rows.append(row)
     return rows
+
+
+def _correct_by_id(records: list[dict], ids: set[str]) -> dict[str, bool]:
+    out: dict[str, bool] = {}
+    for r in records:
+        out.setdefault(str(r.get("id")), bool(r.get("correct")))
+    return {i: out[i] for i in ids}
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value: how surprising `wins` vs `losses` discordant problems are
+    if the two policies were equally good (a binomial test at 1/2 on the discordant pairs)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def plot_compare(rows: list[dict], path: str | Path) -> Path:

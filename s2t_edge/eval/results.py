@@ -206,7 +206,8 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Plain aligned text table of summary rows; "cost×" is s/problem relative to the
-    'greedy' row (blank without one)."""
+    'greedy' row (blank without one); rows from `compare_runs` also show the problems each
+    policy solved that greedy did not (+), the reverse (-) and the exact McNemar p-value."""
     base = next((r.get("s_per_problem") for r in rows if r.get("policy") == "greedy"), None)
     header = [
         "policy",
@@ -219,6 +220,9 @@ def format_table(rows: list[dict]) -> str:
         "flip rate",
         "cost×",
     ]
+    paired = any("wins_vs_greedy" in r for r in rows)
+    if paired:
+        header.append("vs greedy (+/-, p)")
     body = []
     for r in rows:
         acc = r.get("accuracy")
@@ -238,6 +242,9 @@ def format_table(rows: list[dict]) -> str:
                 cost,
             ]
         )
+        if paired:
+            w = r.get("wins_vs_greedy")
+            body[-1].append("-" if w is None else f"+{w}/-{r['losses_vs_greedy']}, p={r['p_vs_greedy']:.2f}")
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
