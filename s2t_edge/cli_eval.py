@@ -48,8 +48,9 @@ from s2t_edge.errors import S2TError
     type=click.IntRange(1, 64),
     default=1,
     show_default=True,
-    help="Decode greedy / s2t-local / teacher as a continuous batch of this many problems (several "
-    "times the throughput on a CPU; tokens can differ from --batch 1 at near-ties).",
+    help="Decode greedy / s2t-local / teacher (and s2t / takeover with --trigger always) as a continuous "
+    "batch of this many problems (several times the throughput on a CPU; tokens can differ from --batch 1 "
+    "at near-ties).",
 )
 @click.option(
     "--ctx",
@@ -89,20 +90,18 @@ def eval_group(
     if ctx.invoked_subcommand is not None:
         return
     from s2t_edge.eval.results import format_table
-    from s2t_edge.eval.runner import parse_policies, run_eval
+    from s2t_edge.eval.runner import batchable, parse_policies, run_eval
     from s2t_edge.runtime import open_models
     from s2t_edge.store import default_model
 
     if data is None:
         raise S2TError("eval needs --data FILE.jsonl (or a subcommand: eval compare DIR...)")
     specs = parse_policies([p for arg in (policies or ("s2t-local",)) for p in arg.split(",") if p])
-    from s2t_edge.eval.runner import batchable
-
     maj_n = max([s.maj_n or 1 for s in specs])
     batch_slm = batch if any(batchable(s, trigger) and s.name != "teacher" for s in specs) else 1
     batch_teacher = batch if any(batchable(s, trigger) and s.needs_teacher for s in specs) else 1
     if n_ctx is None:
-        n_ctx = 4096 if batch == 1 else min(4096, max_tokens + 1024)
+        n_ctx = 4096 if max(batch_slm, batch_teacher) == 1 else min(4096, max_tokens + 1024)
     # One unified KV cache per model holds every sequence (as llama-server does): with a cache per
     # sequence, llama.cpp splits a step into several ubatches as soon as the active sequences are
     # not consecutive, which is most of the time once problems finish at different lengths.

@@ -143,8 +143,8 @@ def run_eval(
 ) -> list[dict]:
     """Evaluate each policy into `out/<policy>/`; rerunning skips finished problems. Returns summaries.
 
-    `batch` > 1 decodes greedy, s2t-local and teacher as a continuous batch of that many problems
-    (the engines must have been opened with as many sequences)."""
+    `batch` > 1 decodes the `batchable` policies as a continuous batch of that many problems (the
+    engines must have been opened with as many sequences)."""
     problems, n_bad = load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
     if n_bad:
         print(f"skipped {n_bad} bad line(s) in {data}")
