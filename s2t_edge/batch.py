@@ -91,9 +91,7 @@ def decode_batch(
                     fired = policy.trigger.fires(step)
                     token = policy.selector.select(step) if fired else int(cands.ids[0])
                 st = slot.stats
-                st.steps += 1
-                st.triggers += fired
-                st.flips += token != int(cands.ids[0])
+                st.count(fired, token != int(cands.ids[0]))
                 if engine.is_eog(token):
                     st.finish_reason, st.stop_token = "stop", token
                 else:

@@ -27,6 +27,12 @@ class DecodeStats:
     finish_reason: str = ""  # "stop" (end-of-turn token), "length" (max tokens or context full)
     stop_token: int | None = None  # the end-of-turn token that ended it (not yielded)
 
+    def count(self, fired: bool, flipped: bool) -> None:
+        """One decision step: the trigger fired or not, the token differs from the top-1 or not."""
+        self.steps += 1
+        self.triggers += fired
+        self.flips += flipped
+
     @property
     def tokens_per_s(self) -> float:
         """Decode speed (the prompt's prefill excluded)."""
@@ -83,9 +89,7 @@ def decode(
         fired = trigger.fires(step)
         token = selector.select(step) if fired else int(cands.ids[0])
         flipped = token != int(cands.ids[0])
-        stats.steps += 1
-        stats.triggers += fired
-        stats.flips += flipped
+        stats.count(fired, flipped)
         if engine.is_eog(token):
             stats.finish_reason = "stop"
             stats.stop_token = token

@@ -64,9 +64,10 @@ class Engine:
 
     `hidden=True` makes `step()` also expose the final hidden state (`self.hidden`); the prompt is
     still prefilled with embeddings off, so it does not produce an output row for every token.
-    `n_seq` > 1 lets several sequences share the context: with a unified KV cache (the default)
-    forked samples share the prompt's cells; `unified=False` gives each sequence its own
-    `n_ctx / n_seq` cells, so unrelated prompts decoded together do not attend over each other's.
+    `n_seq` > 1 lets several sequences share the context (`n_ctx` cells in total): with a unified
+    KV cache (the default) forked samples share the prompt's cells; `unified=False` gives each
+    sequence its own `n_ctx / n_seq` cells, but llama.cpp then splits a step over non-consecutive
+    sequences into several ubatches (`benchmarks/kv_layout.py`).
     """
 
     def __init__(
@@ -99,8 +100,10 @@ class Engine:
         cparams = llama_cpp.llama_context_default_params()
         unified = n_seq > 1 if unified is None else unified
         # n_ctx is the total over all sequences; no sequence may outgrow the trained context
-        cparams.n_ctx = min(n_ctx, self.n_ctx_train * n_seq) if n_ctx > 0 else self.n_ctx_train
-        if not unified:  # a separate cache per sequence
+        n_ctx = n_ctx if n_ctx > 0 else self.n_ctx_train
+        if unified:
+            cparams.n_ctx = min(n_ctx, self.n_ctx_train * n_seq)
+        else:  # a separate cache per sequence
             cparams.n_ctx = min(n_ctx // n_seq, self.n_ctx_train) * n_seq
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
@@ -220,19 +223,41 @@ class Engine:
                 f"{self.n_ctx_seq}; shorten the prompt, /reset the chat or raise --ctx"
             )
 
-    def _decode(self, tokens: Sequence[int], pos0: int, outputs: Sequence[bool], seq: int = 0) -> None:
+    def _decode(
+        self, tokens: Sequence[int], pos: int | Sequence[int], outputs: Sequence[bool], seq: int | Sequence[int] = 0
+    ) -> None:
+        """One llama_decode; `pos` is the first position (then consecutive) or one per token, `seq`
+        one sequence for all tokens or one per token."""
         b = self._batch
-        n = len(tokens)
-        b.n_tokens = n
+        b.n_tokens = len(tokens)
         for i, t in enumerate(tokens):
             b.token[i] = t
-            b.pos[i] = pos0 + i
+            b.pos[i] = pos + i if isinstance(pos, int) else pos[i]
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
+            b.seq_id[i][0] = seq if isinstance(seq, int) else seq[i]
             b.logits[i] = outputs[i]
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise S2TError(f"llama_decode failed (code {rc}); is the context full?")
+
+    def _prefill(self, tokens: Sequence[int], seq: int, pos0: int, track: bool) -> np.ndarray:
+        """Decode `tokens` into `seq` from `pos0` in chunks, outputs for the last token only (with
+        `hidden=True` it runs alone with embeddings on); `track` keeps `self.tokens` in step."""
+        head = tokens[:-1] if self.hidden_enabled else tokens
+        self._set_embeddings(False)
+        for start in range(0, len(head), self.n_batch):
+            chunk = head[start : start + self.n_batch]
+            last = start + len(chunk) == len(head) and not self.hidden_enabled
+            self._decode(chunk, pos0 + start, [False] * (len(chunk) - 1) + [last], seq)
+            if track:
+                self.tokens.extend(chunk)
+        if self.hidden_enabled:
+            self._set_embeddings(True)
+            self._decode(tokens[-1:], pos0 + len(tokens) - 1, (True,), seq)
+            if track:
+                self.tokens.append(tokens[-1])
+            self.hidden = self._hidden(-1)
+        return self.logits()
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Append `tokens` to sequence 0 and return the last position's logits (a view).
@@ -243,16 +268,7 @@ class Engine:
         if not tokens:
             raise S2TError("empty prompt")
         self._check_room(len(tokens))
-        head = tokens[:-1] if self.hidden_enabled else tokens
-        self._set_embeddings(False)
-        for start in range(0, len(head), self.n_batch):
-            chunk = head[start : start + self.n_batch]
-            last = start + len(chunk) == len(head) and not self.hidden_enabled
-            self._decode(chunk, self.n_past, [False] * (len(chunk) - 1) + [last])
-            self.tokens.extend(chunk)
-        if self.hidden_enabled:
-            return self.step(tokens[-1])
-        return self.logits()
+        return self._prefill(tokens, 0, self.n_past, track=True)
 
     def step(self, token: int) -> np.ndarray:
         """Append one token to sequence 0 and return its logits (a view valid until the next call)."""
@@ -309,17 +325,7 @@ class Engine:
         if max(positions) >= self.n_ctx_seq:
             raise S2TError(f"context overflow: position {max(positions)} >= {self.n_ctx_seq} per sequence; raise --ctx")
         self._set_embeddings(self.hidden_enabled)
-        b = self._batch
-        b.n_tokens = len(tokens)
-        for i, (t, s, p) in enumerate(zip(tokens, seqs, positions)):
-            b.token[i] = t
-            b.pos[i] = p
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = s
-            b.logits[i] = True
-        rc = llama_cpp.llama_decode(self._ctx, b)
-        if rc != 0:
-            raise S2TError(f"llama_decode failed (code {rc}); is the context full?")
+        self._decode(tokens, positions, [True] * len(tokens), seqs)
         if self.hidden_enabled:
             self.hidden_rows = [self._hidden(i) for i in range(len(tokens))]
         return [self.logits(i) for i in range(len(tokens))]
@@ -331,17 +337,7 @@ class Engine:
             raise S2TError("empty prompt")
         if len(tokens) > self.n_ctx_seq:
             raise S2TError(f"context overflow: a {len(tokens)}-token prompt > {self.n_ctx_seq} per sequence")
-        self._set_embeddings(False)
-        head = tokens[:-1] if self.hidden_enabled else tokens
-        for start in range(0, len(head), self.n_batch):
-            chunk = head[start : start + self.n_batch]
-            last = start + len(chunk) == len(head) and not self.hidden_enabled
-            self._decode(chunk, start, [False] * (len(chunk) - 1) + [last], seq)
-        if self.hidden_enabled:
-            self._set_embeddings(True)
-            self._decode(tokens[-1:], len(tokens) - 1, (True,), seq)
-            self.hidden = self._hidden(-1)
-        return self.logits()
+        return self._prefill(tokens, seq, 0, track=False)
 
     def _hidden(self, i: int) -> np.ndarray:
         ptr = llama_cpp.llama_get_embeddings_ith(self._ctx, i)

@@ -53,7 +53,6 @@ def open_models(
     gpu_layers: int = 0,
     n_seq: int = 1,
     teacher_seq: int = 1,
-    unified: bool | None = None,
     progress: bool = True,
 ) -> Models:
     """Load the SLM, its bundle and an optional teacher.
@@ -61,7 +60,7 @@ def open_models(
     `bundle`: None → the shipped default; "none" → no reranker; a path → that bundle (a bundle
     that carries its own GGUF runs on it unless `model` is given). The bundle is verified
     against the GGUF before anything is decoded. `n_seq` / `teacher_seq` sequences share each
-    context (see `Engine` for `unified`); `ctx` is per sequence when the cache is not unified.
+    model's context (one unified KV cache of `ctx` cells).
     """
     if bundle is None or bundle == "none":
         slm_path = resolve_model(model, progress=progress)
@@ -70,17 +69,13 @@ def open_models(
         chosen = load_bundle(bundle)
         slm_path = chosen.gguf_path if model is None and chosen.gguf_path else resolve_model(model, progress=progress)
 
-    def n_ctx(seqs: int) -> int:
-        return ctx * seqs if unified is False else ctx
-
     slm = Engine(
         slm_path,
-        n_ctx=n_ctx(n_seq),
+        n_ctx=ctx,
         n_threads=threads,
         n_gpu_layers=gpu_layers,
         hidden=chosen is not None,
         n_seq=n_seq,
-        unified=unified,
     )
     if chosen is not None:
         chosen.check_slm(slm_path, slm.n_vocab)
@@ -88,11 +83,10 @@ def open_models(
     if teacher:
         t = Engine(
             resolve_model(teacher, role="teacher", progress=progress),
-            n_ctx=n_ctx(teacher_seq),
+            n_ctx=ctx,
             n_threads=threads,
             n_gpu_layers=gpu_layers,
             n_seq=teacher_seq,
-            unified=unified,
         )
         check_same_vocab(slm, t)
     return Models(slm, chosen, t)

@@ -66,7 +66,7 @@ def test_batch_runs_s2t_local_per_slot(tiny_gguf: Path, always_bundle: Path) -> 
         ref = [run(seq_models.slm, p, **policy.decode_args()) for p in prompts(seq_models.slm)]
     finally:
         seq_models.close()
-    models = open_tiny(tiny_gguf, always_bundle, n_seq=3, unified=False)
+    models = open_tiny(tiny_gguf, always_bundle, n_seq=3)
     try:
         policy = build_policy(models, "s2t-local")
         got = {i: (ids, st) for i, ids, st in decode_batch(models.slm, prompts(models.slm), policy, max_tokens=10)}
@@ -111,7 +111,7 @@ def test_run_eval_batched_equals_unbatched(tmp_path: Path, tiny_gguf: Path, bund
         run_eval(one, data, specs, tmp_path / "one", max_tokens=10, progress=False)
     finally:
         one.close()
-    many = open_tiny(tiny_gguf, bundle_dir, n_seq=2, unified=False)
+    many = open_tiny(tiny_gguf, bundle_dir, n_seq=2)
     try:
         rows = run_eval(many, data, specs, tmp_path / "many", max_tokens=10, progress=False, batch=2)
         with pytest.raises(S2TError, match="different settings: batch"):  # not mixed with --batch 1
@@ -160,7 +160,6 @@ def test_batch_teacher_policies_match_one_prompt_at_a_time(tiny_gguf: Path, tiny
         threads=1,
         n_seq=2,
         teacher_seq=2,
-        unified=False,
     )
     try:
         policy = build_policy(many, mode)
