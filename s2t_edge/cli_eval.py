@@ -89,6 +89,7 @@ def eval_group(
     """Evaluate decoding policies on a problem set (resumable, one JSONL record per problem)."""
     if ctx.invoked_subcommand is not None:
         return
+    from s2t_edge.eval.data import load_problems
     from s2t_edge.eval.results import format_table
     from s2t_edge.eval.runner import batchable, parse_policies, run_eval
     from s2t_edge.runtime import open_models
@@ -97,6 +98,8 @@ def eval_group(
     if data is None:
         raise S2TError("eval needs --data FILE.jsonl (or a subcommand: eval compare DIR...)")
     specs = parse_policies([p for arg in (policies or ("s2t-local",)) for p in arg.split(",") if p])
+    # bad data (missing file, malformed line, missing field) fails here, before models load
+    load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
     maj_n = max([s.maj_n or 1 for s in specs])
     batch_slm = batch if any(batchable(s, trigger) and s.name != "teacher" for s in specs) else 1
     batch_teacher = batch if any(batchable(s, trigger) and s.needs_teacher for s in specs) else 1

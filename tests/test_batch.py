@@ -171,3 +171,19 @@ def test_batch_teacher_policies_match_one_prompt_at_a_time(tiny_gguf: Path, tiny
     assert [got[i][0] for i in range(len(QUESTIONS))] == [ids for ids, _ in ref]
     assert [got[i][1].flips for i in range(len(QUESTIONS))] == [st.flips for _, st in ref]
     assert sum(st.flips for _, st in ref) > 0 and all(st.triggers == st.steps for _, st in ref)
+
+
+def test_cli_eval_refuses_bad_data_before_loading_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing file or a malformed line is reported at once, not after the models load."""
+    import s2t_edge.runtime
+
+    def no_models(*a, **kw):
+        raise AssertionError("models were opened before the data was checked")
+
+    monkeypatch.setattr(s2t_edge.runtime, "open_models", no_models)
+    r = CliRunner().invoke(main, ["eval", "--data", str(tmp_path / "missing.jsonl"), "--policy", "greedy"])
+    assert r.exit_code != 0 and "data file not found" in r.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\nnot json\n')
+    r = CliRunner().invoke(main, ["eval", "--data", str(bad), "--policy", "greedy", "--batch", "4"])
+    assert r.exit_code != 0 and "bad.jsonl:2" in r.output
