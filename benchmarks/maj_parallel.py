@@ -1,6 +1,8 @@
-"""maj@N cost: N samples as one llama.cpp batch sharing the prompt's KV cache vs N sequential runs.
+"""maj@N cost: N samples as one llama.cpp batch sharing the prompt's KV cache vs N sequential runs,
+and against one greedy decode of the same problem.
 
-Both sides sample with T=0.7, top-p 0.8, top-k 20 on the same problems, alternating per problem.
+Both maj@N sides sample with T=0.7, top-p 0.8, top-k 20 on the same problems; greedy, parallel and
+sequential alternate per problem.
 
     python benchmarks/maj_parallel.py [--n 8] [--problems 3] [--max-tokens 256] [--threads 2]
 """
@@ -40,6 +42,8 @@ def main() -> None:
     rows = []
     for p in problems:
         prompt = problem_prompt(seq, template, p.question)
+        tg = time.perf_counter()
+        greedy_tokens = sum(1 for _ in decode(seq, prompt, max_tokens=args.max_tokens))
         t0 = time.perf_counter()
         outs = sample_parallel(par, prompt, args.n, max_tokens=args.max_tokens, seed=p.index)
         t1 = time.perf_counter()
@@ -49,9 +53,10 @@ def main() -> None:
             seq_tokens += sum(1 for _ in decode(seq, prompt, max_tokens=args.max_tokens, **policy.decode_args()))
         t2 = time.perf_counter()
         par_tokens = sum(len(o) for o in outs)
-        rows.append((t1 - t0, t2 - t1, par_tokens, seq_tokens))
+        rows.append((t1 - t0, t2 - t1, par_tokens, seq_tokens, t0 - tg, greedy_tokens))
         print(
-            f"{p.id}: parallel {t1 - t0:6.1f}s ({par_tokens} tok, {par_tokens / (t1 - t0):.1f} tok/s)  "
+            f"{p.id}: greedy {t0 - tg:5.1f}s ({greedy_tokens} tok)  "
+            f"parallel {t1 - t0:6.1f}s ({par_tokens} tok, {par_tokens / (t1 - t0):.1f} tok/s)  "
             f"sequential {t2 - t1:6.1f}s ({seq_tokens} tok, {seq_tokens / (t2 - t1):.1f} tok/s)"
         )
     par_rate = statistics.median(r[2] / r[0] for r in rows)
@@ -60,6 +65,13 @@ def main() -> None:
         f"maj@{args.n} on {len(rows)} problems, max {args.max_tokens} tokens, threads {args.threads}: "
         f"median throughput parallel {par_rate:.1f} tok/s vs sequential {seq_rate:.1f} tok/s "
         f"= {par_rate / seq_rate:.2f}x"
+    )
+    wall = [sum(r[i] for r in rows) for i in (4, 0, 1)]
+    tokens = [sum(r[i] for r in rows) for i in (5, 2, 3)]
+    print(
+        f"per problem vs greedy: maj@{args.n} one batch {wall[1] / wall[0]:.2f}x the wall time "
+        f"({tokens[1] / tokens[0]:.2f}x the tokens), sequential {wall[2] / wall[0]:.2f}x "
+        f"({tokens[2] / tokens[0]:.2f}x the tokens)"
     )
 
 

@@ -355,3 +355,16 @@ def test_token_prior_variant_trains_and_exports(tmp_path: Path, tiny_gguf: Path,
     out = export_bundle(tiny_gguf, tmp_path / "ckpt" / "reranker.pt", tmp_path / "bundle")
     m = json.loads((out / MANIFEST).read_text())
     assert m["training"]["config"]["token_prior"] is True and m["onnx_parity_max_abs_diff"] <= 1e-4
+
+
+def test_train_problems_subset_keeps_val_and_test(tmp_path: Path, tiny_gguf: Path, trained) -> None:
+    """A learning-curve run trains on fewer problems; validation and test problems do not move."""
+    from dataclasses import replace
+
+    full = trained[0]
+    report = train(trained[2], tmp_path / "ckpt", tiny_gguf, replace(CFG, train_problems=2, epochs=1), progress=False)
+    assert report["problems"]["train"] == 2 < full["problems"]["train"]
+    assert report["positions"]["train"] < full["positions"]["train"]
+    for split in ("val", "test"):
+        assert report["problems"][split] == full["problems"][split]
+        assert report["positions"][split] == full["positions"][split]

@@ -33,6 +33,7 @@ class TrainConfig:
     trigger_weight: float = 1.0
     divergent_weight: float = 1.0  # weight of divergence points in the selection loss (others: 1)
     seed: int = 0
+    train_problems: int | None = None  # use only this many training problems (learning curves)
 
 
 def _inputs(model: Reranker, g: Groups, emb: np.ndarray | None, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -125,6 +126,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     groups, manifest = load_groups(group_dir, cfg.k)
     tr_p, va_p, te_p = split_problems(len(groups.problem_ids), cfg.seed)
+    if cfg.train_problems is not None:  # a subset of the training split; validation and test stay fixed
+        tr_p = set(sorted(tr_p)[: cfg.train_problems])
     tr, va, te = groups.subset(tr_p), groups.subset(va_p), groups.subset(te_p)
     emb = output_embedding(slm_path) if cfg.use_tokens else None
     model = Reranker(
