@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from s2t_edge import cli_options
 from s2t_edge.errors import S2TError
 
 
@@ -42,7 +43,7 @@ from s2t_edge.errors import S2TError
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
-@click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines (counted).")
+@cli_options.skip_bad
 @click.option(
     "--batch",
     type=click.IntRange(1, 64),
@@ -59,8 +60,8 @@ from s2t_edge.errors import S2TError
     default=None,
     help="Context per sequence (the cache holds one per sequence). Default: 4096, or max tokens + 1024 with --batch.",
 )
-@click.option("--threads", type=int, default=None)
-@click.option("--gpu-layers", type=int, default=0)
+@cli_options.threads
+@cli_options.gpu_layers
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 @click.pass_context
 def eval_group(

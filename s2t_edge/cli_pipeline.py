@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from s2t_edge import cli_options
 from s2t_edge.errors import S2TError
 
 
@@ -41,9 +42,9 @@ def _need_training_extra():
 )
 @click.option("--max-tokens", type=int, default=400, show_default=True)
 @click.option("--ctx", type=int, default=4096, show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--gpu-layers", type=int, default=0)
-@click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines (counted) instead of failing.")
+@cli_options.threads
+@cli_options.gpu_layers
+@cli_options.skip_bad
 def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, gpu_layers, skip_bad):
     """Label SLM top-K candidate groups with a teacher's scores."""
     from s2t_edge.collect import collect as run

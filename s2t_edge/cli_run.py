@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from s2t_edge import store
+from s2t_edge import cli_options, store
 from s2t_edge.chat import ChatSession
 from s2t_edge.decode import DecodeStats, Token, decode
 from s2t_edge.errors import S2TError
@@ -31,19 +31,8 @@ _ENGINE_OPTIONS = {
         default=None,
         help="Registry model name or GGUF file (default: the default SLM, pulled on first use).",
     ),
-    "threads": click.option(
-        "--threads",
-        type=click.IntRange(min=1),
-        default=None,
-        help="CPU threads (default: all cores, at most 8).",
-    ),
-    "gpu_layers": click.option(
-        "--gpu-layers",
-        type=click.IntRange(min=0),
-        default=0,
-        show_default=True,
-        help="Layers to offload to the GPU (Metal on macOS).",
-    ),
+    "threads": cli_options.threads,
+    "gpu_layers": cli_options.gpu_layers,
     "ctx": click.option(
         "--ctx",
         type=click.IntRange(min=0),

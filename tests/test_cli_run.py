@@ -282,3 +282,18 @@ def test_chat_session_totals_and_prefix_reuse(tiny_gguf: Path) -> None:
         assert total.steps == first.steps + second.steps
         assert total.prefill_s == pytest.approx(first.prefill_s + second.prefill_s)
         assert total.tokens_per_s == pytest.approx(total.steps / (total.model_s - total.prefill_s + total.ours_s))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "hi", "--threads", "0"],
+        ["eval", "--data", "x.jsonl", "--policy", "greedy", "--threads", "0"],
+        ["collect", "--data", "x.jsonl", "--out", "g", "--gpu-layers", "-1"],
+    ],
+)
+def test_shared_options_validated_everywhere(args: list[str]) -> None:
+    """--threads / --gpu-layers are declared once and checked the same way by every command."""
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert "Invalid value for '--threads'" in r.output or "Invalid value for '--gpu-layers'" in r.output

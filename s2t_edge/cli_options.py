@@ -1,0 +1,20 @@
+"""Click options that several commands share, declared once."""
+
+from __future__ import annotations
+
+import click
+
+threads = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads (default: all cores, at most 8).",
+)
+gpu_layers = click.option(
+    "--gpu-layers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Layers to offload to the GPU (Metal on macOS).",
+)
+skip_bad = click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines (counted) instead of failing.")
