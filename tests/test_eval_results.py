@@ -232,3 +232,20 @@ def test_compare_pairs_each_policy_with_greedy(tmp_path):
     assert "vs greedy" in table and "+4/-2, p=0.69" in table
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
     assert mcnemar_exact(5, 5) == 1.0
+
+
+def test_compare_blanks_cost_across_batch_modes(tmp_path):
+    """A batched run's seconds are a share of the batch: its cost is not set against a lone decode."""
+    _run(tmp_path / "g", SETTINGS, [_rec(i, True, seconds=2.0) for i in range(3)])
+    maj = [_rec(i, True, seconds=6.0, policy="maj@8") for i in range(3)]
+    _run(tmp_path / "m", {**SETTINGS, "policy": "maj@8"}, maj)
+    _run(
+        tmp_path / "b",
+        {**SETTINGS, "policy": "s2t-local", "batch": 16},
+        [_rec(i, True, seconds=1.0, policy="s2t-local") for i in range(3)],
+    )
+    lines = format_table(compare_runs([tmp_path / "g", tmp_path / "m", tmp_path / "b"])).splitlines()
+    assert "3.00×" in lines[3] and "×" not in lines[4]  # maj@8 vs greedy, both unbatched; s2t-local blank
+    assert "another --batch" in lines[-1]
+    same = format_table(compare_runs([tmp_path / "g", tmp_path / "m"]))
+    assert "another --batch" not in same

@@ -206,9 +206,12 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Plain aligned text table of summary rows; "cost×" is s/problem relative to the
-    'greedy' row (blank without one); rows from `compare_runs` also show the problems each
-    policy solved that greedy did not (+), the reverse (-) and the exact McNemar p-value."""
-    base = next((r.get("s_per_problem") for r in rows if r.get("policy") == "greedy"), None)
+    'greedy' row (blank without one, or for a run decoded with another `--batch`: a batched
+    problem's seconds are its share of the batch, not comparable with a lone decode); rows from
+    `compare_runs` also show the problems each policy solved that greedy did not (+), the
+    reverse (-) and the exact McNemar p-value."""
+    greedy = next((r for r in rows if r.get("policy") == "greedy"), None)
+    base = greedy.get("s_per_problem") if greedy else None
     header = [
         "policy",
         "n",
@@ -224,11 +227,14 @@ def format_table(rows: list[dict]) -> str:
     if paired:
         header.append("vs greedy (+/-, p)")
     body = []
+    blanked = False
     for r in rows:
         acc = r.get("accuracy")
         acc_s = "-" if acc is None else (f"{100 * acc:.1f}% [{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]")
         spp = r.get("s_per_problem")
-        cost = f"{spp / base:.2f}×" if base and spp is not None else "-"
+        comparable = greedy is not None and _batch(r) == _batch(greedy)
+        cost = f"{spp / base:.2f}×" if base and spp is not None and comparable else "-"
+        blanked = blanked or (base is not None and not comparable)
         body.append(
             [
                 str(r.get("policy") or "?"),
@@ -251,4 +257,10 @@ def format_table(rows: list[dict]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(b) for b in body)])
+    note = ["(cost× left blank where a run used another --batch than greedy's: not comparable)"] if blanked else []
+    return "\n".join([line(header), rule, *(line(b) for b in body), *note])
+
+
+def _batch(row: dict) -> int:
+    """The `--batch` a compared run was decoded with (1 when it was not batched)."""
+    return int((row.get("settings") or {}).get("batch", 1))
