@@ -50,8 +50,8 @@ from s2t_edge.errors import S2TError
     default=1,
     show_default=True,
     help="Decode greedy / s2t-local / teacher (and s2t / takeover with --trigger always) as a continuous "
-    "batch of this many problems (several times the throughput on a CPU; tokens can differ from --batch 1 "
-    "at near-ties).",
+    "batch of this many problems, maj@N as this many sequences (N per problem); several times the "
+    "throughput on a CPU; tokens can differ from --batch 1 at near-ties.",
 )
 @click.option(
     "--ctx",
@@ -109,7 +109,8 @@ def eval_group(
     # One unified KV cache per model holds every sequence (as llama-server does): with a cache per
     # sequence, llama.cpp splits a step into several ubatches as soon as the active sequences are
     # not consecutive, which is most of the time once problems finish at different lengths.
-    n_ctx *= max(batch_slm, batch_teacher)  # maj@N samples share their prompt: 4096 holds them
+    # (unbatched maj@N samples share their prompt: 4096 holds them; batched, each sample gets a share)
+    n_ctx *= max(batch_slm, batch_teacher, maj_n if batch_slm > 1 else 1)
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
         teacher = default_model("teacher")

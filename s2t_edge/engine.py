@@ -309,12 +309,12 @@ class Engine:
 
     # ---- several sequences (parallel sampling) ---------------------------------------------
 
-    def fork(self, n: int) -> None:
-        """Share sequence 0's cache with sequences 1..n-1 (call after prefill)."""
-        if n > self.n_seq:
-            raise S2TError(f"engine was built for {self.n_seq} sequences, asked for {n}")
-        for s in range(1, n):
-            llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
+    def fork(self, n: int, src: int = 0) -> None:
+        """Share sequence `src`'s cache with sequences src+1 .. src+n-1 (call after prefill)."""
+        if src + n > self.n_seq:
+            raise S2TError(f"engine was built for {self.n_seq} sequences, asked for {src + n}")
+        for s in range(src + 1, src + n):
+            llama_cpp.llama_memory_seq_cp(self._mem, src, s, -1, -1)
 
     def step_many(self, tokens: Sequence[int], seqs: Sequence[int], pos: int | Sequence[int]) -> list[np.ndarray]:
         """One token for each of several sequences, in one batch; `pos` is shared or per sequence.

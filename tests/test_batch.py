@@ -14,6 +14,7 @@ from s2t_edge.decode import decode
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.eval.runner import parse_policies, run_eval
+from s2t_edge.parallel import sample_batch, sample_parallel
 from s2t_edge.policy import greedy
 from s2t_edge.runtime import build_policy, open_models
 from tests.conftest import PROBLEMS
@@ -187,3 +188,53 @@ def test_cli_eval_refuses_bad_data_before_loading_models(tmp_path: Path, monkeyp
     bad.write_text('{"question": "q", "answer": "#### 1"}\nnot json\n')
     r = CliRunner().invoke(main, ["eval", "--data", str(bad), "--policy", "greedy", "--batch", "4"])
     assert r.exit_code != 0 and "bad.jsonl:2" in r.output
+
+
+# ---- maj@N across problems -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_seq", [3, 6, 9])
+def test_sample_batch_matches_one_prompt_at_a_time(tiny_gguf: Path, n_seq: int) -> None:
+    """Groups of N sequences, one per prompt, refilled as prompts finish; each prompt's samples
+    equal `sample_parallel` on that prompt alone with the same seed (its own random stream)."""
+    kw = {"max_tokens": 10, "temperature": 1.0}
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1, n_seq=3) as e:
+        ps = prompts(e)
+        ref = [sample_parallel(e, p, 3, seed=100 + i, **kw) for i, p in enumerate(ps)]
+    assert len({tuple(map(tuple, r)) for r in ref}) > 1
+    with Engine(tiny_gguf, n_ctx=512 * n_seq, n_threads=1, n_seq=n_seq) as e:
+        got = {i: (s, sec) for i, s, sec in sample_batch(e, ps, 3, seeds=[100 + i for i in range(len(ps))], **kw)}
+        assert e.n_past == 0
+    assert sorted(got) == list(range(len(ps)))
+    assert [got[i][0] for i in range(len(ps))] == ref
+    assert all(sec > 0 for _, sec in got.values())
+
+
+def test_sample_batch_needs_room_for_one_group(tiny_gguf: Path) -> None:
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1, n_seq=2) as e:
+        with pytest.raises(S2TError, match="maj@3 needs an engine with at least 3 sequences"):
+            list(sample_batch(e, prompts(e), 3))
+
+
+def test_cli_eval_batch_maj(tmp_path: Path, tiny_gguf: Path, data: Path) -> None:
+    """`eval --batch` runs maj@N N sequences per problem, several problems at once: same votes as
+    one problem at a time, recorded as a batched run."""
+    args = ["eval", "--data", str(data), "--policy", "maj@2", "--model", str(tiny_gguf), "--threads", "1"]
+    args += ["--max-tokens", "8", "--json"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--batch", "4"])
+    assert r.exit_code == 0, r.output
+    r1 = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "s")])
+    assert r1.exit_code == 0, r1.output
+    assert json.loads(r.stdout)[0]["n"] == len(PROBLEMS)
+    batched, single = (
+        {json.loads(x)["id"]: json.loads(x) for x in (d / "maj_at_2" / "results.jsonl").read_text().splitlines()}
+        for d in (tmp_path / "b", tmp_path / "s")
+    )
+    assert sorted(batched) == sorted(single)
+    for i in single:
+        assert (batched[i]["answers"], batched[i]["pred"], batched[i]["tokens"]) == (
+            single[i]["answers"],
+            single[i]["pred"],
+            single[i]["tokens"],
+        )
+    assert json.loads((tmp_path / "b" / "maj_at_2" / "settings.json").read_text())["batch"] == 4

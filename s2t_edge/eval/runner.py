@@ -16,7 +16,7 @@ from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import extract_answer, is_correct
 from s2t_edge.eval.results import ResultsDir
 from s2t_edge.eval.vote import majority_vote
-from s2t_edge.parallel import sample_parallel
+from s2t_edge.parallel import sample_batch, sample_parallel
 from s2t_edge.policy import Policy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
@@ -70,19 +70,7 @@ def _solve(
     if spec.maj_n:
         prompt = problem_prompt(models.slm, template, problem.question)
         samples = sample_parallel(models.slm, prompt, spec.maj_n, max_tokens=max_tokens, seed=seed + problem.index)
-        texts = [models.slm.detokenize(s) for s in samples]
-        answers = [extract_answer(t) for t in texts]
-        pred, votes = majority_vote(answers)
-        return {
-            "output": texts[0],
-            "pred": pred,
-            "votes": votes,
-            "answers": answers,
-            "tokens": sum(len(s) for s in samples),
-            "seconds": time.perf_counter() - t0,
-            "triggers": 0,
-            "flips": 0,
-        }
+        return _maj_record(models.slm, samples, time.perf_counter() - t0)
     engine = _engine_for(models, spec)
     prompt = problem_prompt(engine, template, problem.question)
     stats = DecodeStats()
@@ -92,6 +80,22 @@ def _solve(
 
 def _engine_for(models: Models, spec: EvalSpec) -> Engine:
     return models.teacher if spec.name == "teacher" else models.slm
+
+
+def _maj_record(engine: Engine, samples: list[list[int]], seconds: float) -> dict:
+    texts = [engine.detokenize(x) for x in samples]
+    answers = [extract_answer(t) for t in texts]
+    pred, votes = majority_vote(answers)
+    return {
+        "output": texts[0],
+        "pred": pred,
+        "votes": votes,
+        "answers": answers,
+        "tokens": sum(len(x) for x in samples),
+        "seconds": seconds,
+        "triggers": 0,
+        "flips": 0,
+    }
 
 
 def _decoded_record(engine: Engine, ids: list[int], stats: DecodeStats, seconds: float) -> dict:
@@ -108,19 +112,33 @@ def _decoded_record(engine: Engine, ids: list[int], stats: DecodeStats, seconds:
 
 
 def _solve_batched(
-    models: Models, template: ChatTemplate, spec: EvalSpec, policy: Policy, problems: list[Problem], *, max_tokens: int
+    models: Models,
+    template: ChatTemplate,
+    spec: EvalSpec,
+    policy: Policy | None,
+    problems: list[Problem],
+    *,
+    max_tokens: int,
+    seed: int,
 ) -> Iterator[tuple[Problem, dict]]:
     """Answer `problems` as one continuous batch; yields (problem, record) as each finishes. A
     record's seconds are its share of the batched decode (cost per problem, not latency)."""
     engine = _engine_for(models, spec)
     prompts = [problem_prompt(engine, template, p.question) for p in problems]
+    if spec.maj_n:  # groups of N sequences, one group per problem, same seeds as one at a time
+        seeds = [seed + p.index for p in problems]
+        for i, samples, seconds in sample_batch(engine, prompts, spec.maj_n, max_tokens=max_tokens, seeds=seeds):
+            yield problems[i], _maj_record(engine, samples, seconds)
+        return
     for i, ids, stats in decode_batch(engine, prompts, policy, max_tokens=max_tokens):
         yield problems[i], _decoded_record(engine, ids, stats, stats.model_s + stats.ours_s)
 
 
 def batchable(spec: EvalSpec, trigger: str = "always") -> bool:
     """Policies that run as one continuous batch of problems (teacher policies: trigger always)."""
-    return spec.name in ("greedy", "s2t-local", "teacher") or (spec.name in ("s2t", "takeover") and trigger == "always")
+    if spec.maj_n is not None or spec.name in ("greedy", "s2t-local", "teacher"):
+        return True
+    return spec.name in ("s2t", "takeover") and trigger == "always"
 
 
 def run_eval(
@@ -186,7 +204,7 @@ def run_eval(
         bar = Progress(len(problems), spec.name, progress)
         bar.done = len(problems) - len(todo)
         if batched:
-            solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens)
+            solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens, seed=seed)
         else:
             solved = ((p, _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)) for p in todo)
         try:
