@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 LAYERS = (4, 8, 12, 16, 20, 24)
 
 
-def extract(groups: Path, feats: Path) -> None:
+def trajectories(groups: Path, feats: Path) -> Iterator[tuple[object, Path, dict, dict, list[int]]]:
+    """(transformers SLM, shard path, meta, arrays, prompt ids) for every shard without a features file."""
     from transformers import AutoModelForCausalLM
 
     from s2t_edge.collect import problem_prompt
@@ -49,11 +51,16 @@ def extract(groups: Path, feats: Path) -> None:
         meta, a = read_shard(path)
         prompt = problem_prompt(engine, template, problems[meta["problem_id"]].question)
         assert len(prompt) == meta["prompt_tokens"], "the prompt differs from the one collection used"
+        yield model, path, meta, a, prompt
+        print(f"{n} {path.name} {len(a['chosen'])} positions {time.time() - t0:.0f}s", flush=True)
+
+
+def extract(groups: Path, feats: Path) -> None:
+    for model, path, _, a, prompt in trajectories(groups, feats):
         P, T = len(prompt), len(a["chosen"])
         with torch.no_grad():  # position P-1+t predicts the token of step t
             hs = model(torch.tensor([prompt + a["chosen"].tolist()[:-1]]), output_hidden_states=True).hidden_states
         np.savez(feats / path.name, **{f"l{i}": hs[i][0, P - 1 : P - 1 + T].numpy().astype(np.float16) for i in LAYERS})
-        print(f"{n} {path.name} {T} positions {time.time() - t0:.0f}s", flush=True)
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -15,7 +15,6 @@ split; gain in teacher probability per position x1e4 from taking candidate 2 whe
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +28,9 @@ def _stats(logits: torch.Tensor) -> np.ndarray:
 
 
 def extract(groups: Path, feats: Path) -> None:
-    from transformers import AutoModelForCausalLM
+    from layer_probe import trajectories  # benchmarks/ is on sys.path when run as a script
 
-    from s2t_edge.collect import problem_prompt
-    from s2t_edge.engine import Engine
-    from s2t_edge.eval.data import load_problems
-    from s2t_edge.prompt import ChatTemplate
-    from s2t_edge.shards import read_manifest, read_shard, shard_paths
-    from s2t_edge.store import resolve_model
-
-    slm = resolve_model(None)
-    model = AutoModelForCausalLM.from_pretrained(slm.parent, gguf_file=slm.name, dtype=torch.float32).eval()
-    engine = Engine(slm, n_ctx=64)  # tokenizer and chat template only
-    template = ChatTemplate(engine)
-    problems = {p.id: p for p in load_problems(read_manifest(groups)["data"])[0]}
-    feats.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    for n, path in enumerate(shard_paths(groups), 1):
-        if (feats / path.name).exists():
-            continue
-        meta, a = read_shard(path)
-        prompt = problem_prompt(engine, template, problems[meta["problem_id"]].question)
+    for model, path, _, a, prompt in trajectories(groups, feats):
         P, T = len(prompt), len(a["chosen"])
         trunk = prompt + a["chosen"].tolist()  # the trunk token at P+t is the step-t choice
         branch = a["slm_ids"][:, 1].tolist()  # candidate 2 at each step, placed where the choice was
@@ -74,7 +55,6 @@ def extract(groups: Path, feats: Path) -> None:
             h2=after2.numpy().astype(np.float16),
             same=(a["chosen"] == a["slm_ids"][:, 0]),
         )
-        print(f"{n} {path.name} {T} positions {time.time() - t0:.0f}s", flush=True)
 
 
 def probe(groups: Path, feats: Path) -> None:
