@@ -140,22 +140,29 @@ def probe_features(g, split: tuple[set[int], set[int], set[int]], feature_sets: 
 def probe(groups: Path, feats: Path) -> None:
     from s2t_edge.train.data import load_groups, split_problems
 
-    from s2t_edge.shards import shard_paths
-
     g, _ = load_groups(groups, 8)
-    layers: dict[str, list[np.ndarray]] = {}
-    for path in shard_paths(groups):
-        with np.load(feats / path.name) as z:
-            for name in z.files:
-                layers.setdefault(name, []).append(z[name])
-    L = {name: np.concatenate(v) for name, v in layers.items()}
+    L = load_features(groups, feats)
     sets: dict[str, np.ndarray | None] = {"logits only": None}
     sets.update({f"layer {name[1:]} + logits": L[name] for name in sorted(L, key=lambda n: int(n[1:]))})
     sets["layers 12 + 24 + logits"] = np.concatenate([L["l12"], L["l24"]], 1)
     probe_features(g, split_problems(len(g.problem_ids), 0), sets)
 
 
-def main() -> None:
+def load_features(groups: Path, feats: Path) -> dict[str, np.ndarray]:
+    """Every per-shard features file of `feats`, concatenated in the order `load_groups` reads shards."""
+    from s2t_edge.shards import shard_paths
+
+    cols: dict[str, list[np.ndarray]] = {}
+    for path in shard_paths(groups):
+        with np.load(feats / path.name) as z:
+            for name in z.files:
+                cols.setdefault(name, []).append(z[name])
+    return {name: np.concatenate(v) for name, v in cols.items()}
+
+
+def main(extract=None, probe=None) -> None:
+    """`extract` / `probe` command line (shared with lookahead_probe.py)."""
+    extract, probe = extract or globals()["extract"], probe or globals()["probe"]
     ap = argparse.ArgumentParser()
     ap.add_argument("command", choices=["extract", "probe"])
     ap.add_argument("groups", type=Path)

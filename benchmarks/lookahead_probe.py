@@ -14,7 +14,6 @@ split; gain in teacher probability per position x1e4 from taking candidate 2 whe
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -58,18 +57,11 @@ def extract(groups: Path, feats: Path) -> None:
 
 
 def probe(groups: Path, feats: Path) -> None:
-    from layer_probe import probe_features  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+    from layer_probe import load_features, probe_features
     from s2t_edge.train.data import load_groups, split_problems
 
-    from s2t_edge.shards import shard_paths
-
     g, _ = load_groups(groups, 8)
-    cols: dict[str, list[np.ndarray]] = {}
-    for path in shard_paths(groups):
-        with np.load(feats / path.name) as z:
-            for name in z.files:
-                cols.setdefault(name, []).append(z[name])
-    F = {name: np.concatenate(v) for name, v in cols.items()}
+    F = load_features(groups, feats)
     assert F["same"].all(), "collection took candidate 1 at every step (greedy mode)"
     split = split_problems(len(g.problem_ids), 0)
     s1, s2 = F["stats1"], F["stats2"]
@@ -86,16 +78,7 @@ def probe(groups: Path, feats: Path) -> None:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["extract", "probe"])
-    ap.add_argument("groups", type=Path)
-    ap.add_argument("feats", type=Path)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    (extract if args.command == "extract" else probe)(args.groups, args.feats)
-
-
 if __name__ == "__main__":
-    main()
+    from layer_probe import main  # benchmarks/ is on sys.path when run as a script
+
+    main(extract, probe)

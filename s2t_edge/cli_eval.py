@@ -39,7 +39,7 @@ from s2t_edge.errors import S2TError
 )
 @click.option("--threshold", type=float, default=None, help="Trigger threshold for kl / entropy.")
 @click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
-@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
@@ -109,8 +109,9 @@ def eval_group(
     # One unified KV cache per model holds every sequence (as llama-server does): with a cache per
     # sequence, llama.cpp splits a step into several ubatches as soon as the active sequences are
     # not consecutive, which is most of the time once problems finish at different lengths.
-    # (unbatched maj@N samples share their prompt: 4096 holds them; batched, each sample gets a share)
-    n_ctx *= max(batch_slm, batch_teacher, maj_n if batch_slm > 1 else 1)
+    n_ctx *= max(batch_slm, batch_teacher, maj_n if batch_slm > 1 else 1)  # batched maj@N: a share per sample
+    if maj_n > 1 and batch_slm == 1:  # one problem's N samples share the cache: its prompt + N answers
+        n_ctx = max(n_ctx, 1024 + maj_n * max_tokens)
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
         teacher = default_model("teacher")

@@ -40,7 +40,7 @@ def _need_training_extra():
     show_default=True,
     help="SLM greedy trajectories, or on-policy S2T (teacher selects at every step).",
 )
-@click.option("--max-tokens", type=int, default=400, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True)
 @click.option("--ctx", type=int, default=4096, show_default=True)
 @cli_options.threads
 @cli_options.gpu_layers

@@ -50,7 +50,11 @@ def sample_batch(
     groups = engine.n_seq // n
     if groups < 1:
         raise S2TError(f"maj@{n} needs an engine with at least {n} sequences (it has {engine.n_seq})")
+    if max_tokens < 1:
+        raise S2TError(f"max_tokens must be at least 1, got {max_tokens}")
     seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     queue = list(range(len(prompts)))[::-1]
     free = [g * n for g in range(groups)][::-1]
     live: dict[int, _Group] = {}  # base seq id -> group
@@ -68,6 +72,7 @@ def sample_batch(
                 live[base] = grp
             feed: list[tuple[_Group, int, int]] = []  # (group, seq id, token)
             for base, grp in list(live.items()):
+                t0 = time.perf_counter()
                 still = []
                 for s, c in sorted(grp.cands.items()):
                     t = sample_token(c.ids, c.logits, temperature, top_p, top_k, grp.rng)
@@ -75,6 +80,7 @@ def sample_batch(
                         grp.outs[s - base].append(t)
                         still.append((s, t))
                 grp.steps += 1
+                grp.seconds += time.perf_counter() - t0
                 if still and grp.steps < max_tokens and grp.pos < engine.n_ctx_seq:
                     feed += [(grp, s, t) for s, t in still]
                     continue
@@ -87,12 +93,13 @@ def sample_batch(
                 continue
             t0 = time.perf_counter()
             rows = engine.step_many([t for _, _, t in feed], [s for _, s, _ in feed], [g.pos for g, _, _ in feed])
-            share = (time.perf_counter() - t0) / len(feed)
             for grp in {id(g): g for g, _, _ in feed}.values():
                 grp.cands = {}
                 grp.pos += 1
             for (grp, s, _), row in zip(feed, rows):
                 grp.cands[s] = candidates(row, top_k)
+            share = (time.perf_counter() - t0) / len(feed)  # the batched step and its top-K, per sample
+            for grp, _, _ in feed:
                 grp.seconds += share
     finally:
         engine.reset()

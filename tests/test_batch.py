@@ -115,6 +115,7 @@ def test_run_eval_batched_equals_unbatched(tmp_path: Path, tiny_gguf: Path, bund
     many = open_tiny(tiny_gguf, bundle_dir, n_seq=2)
     try:
         rows = run_eval(many, data, specs, tmp_path / "many", max_tokens=10, progress=False, batch=2)
+        assert all(r["settings"]["batch"] == 2 for r in rows)  # the table knows how each row was decoded
         with pytest.raises(S2TError, match="different settings: batch"):  # not mixed with --batch 1
             run_eval(many, data, specs[:1], tmp_path / "one", max_tokens=10, progress=False, batch=2)
     finally:
@@ -238,3 +239,37 @@ def test_cli_eval_batch_maj(tmp_path: Path, tiny_gguf: Path, data: Path) -> None
             single[i]["tokens"],
         )
     assert json.loads((tmp_path / "b" / "maj_at_2" / "settings.json").read_text())["batch"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "n_seq", "min_ctx"),
+    [
+        ([], 8, 1024 + 8 * 600),  # one problem's 8 samples share the cache: prompt + 8 answers
+        (["--batch", "16"], 16, 16 * (600 + 1024)),  # 2 problems x 8 samples, a share per sample
+    ],
+)
+def test_cli_eval_sizes_the_cache_for_maj(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Path, extra: list[str], n_seq: int, min_ctx: int
+) -> None:
+    import s2t_edge.runtime
+
+    seen = {}
+
+    def capture(*a, **kw):
+        seen.update(kw)
+        raise S2TError("stop here")
+
+    monkeypatch.setattr(s2t_edge.runtime, "open_models", capture)
+    r = CliRunner().invoke(main, ["eval", "--data", str(data), "--policy", "maj@8", "--max-tokens", "600", *extra])
+    assert "stop here" in r.output
+    assert seen["n_seq"] == n_seq and seen["ctx"] >= min_ctx
+
+
+def test_sample_batch_refuses_bad_arguments(tiny_gguf: Path) -> None:
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1, n_seq=2) as e:
+        with pytest.raises(S2TError, match="max_tokens must be at least 1"):
+            list(sample_batch(e, prompts(e), 2, max_tokens=0))
+        with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+            list(sample_batch(e, prompts(e), 2, seeds=[1, 2]))
+    r = CliRunner().invoke(main, ["eval", "--data", "x.jsonl", "--policy", "maj@2", "--max-tokens", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--max-tokens'" in r.output

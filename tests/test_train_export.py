@@ -368,3 +368,5 @@ def test_train_problems_subset_keeps_val_and_test(tmp_path: Path, tiny_gguf: Pat
     for split in ("val", "test"):
         assert report["problems"][split] == full["problems"][split]
         assert report["positions"][split] == full["positions"][split]
+    with pytest.raises(ValueError, match="at least 1"):
+        train(trained[2], tmp_path / "bad", tiny_gguf, replace(CFG, train_problems=0), progress=False)

@@ -127,6 +127,8 @@ def train(
     groups, manifest = load_groups(group_dir, cfg.k)
     tr_p, va_p, te_p = split_problems(len(groups.problem_ids), cfg.seed)
     if cfg.train_problems is not None:  # a subset of the training split; validation and test stay fixed
+        if cfg.train_problems < 1:
+            raise ValueError(f"train_problems must be at least 1, got {cfg.train_problems}")
         tr_p = set(sorted(tr_p)[: cfg.train_problems])
     tr, va, te = groups.subset(tr_p), groups.subset(va_p), groups.subset(te_p)
     emb = output_embedding(slm_path) if cfg.use_tokens else None

@@ -221,5 +221,5 @@ def run_eval(
                 bar.update(note=f"acc {correct / (bar.done + 1):.3f}")
         finally:
             bar.close()
-        summaries.append(results.summary())
+        summaries.append({**results.summary(), "settings": settings})  # settings: cost× only within one --batch
     return summaries
