@@ -85,13 +85,18 @@ def plot_compare(rows: list[dict], path: str | Path) -> Path:
     fig = Figure(figsize=(6.4, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    span = max(r["s_per_problem"] for r in pts) - min(r["s_per_problem"] for r in pts) or 1.0
+    placed: list[tuple[float, float]] = []
     for r in pts:
-        acc = 100 * r["accuracy"]
+        x, acc = r["s_per_problem"], 100 * r["accuracy"]
         err = [[acc - 100 * r["ci_lo"]], [100 * r["ci_hi"] - acc]]
-        ax.errorbar(r["s_per_problem"], acc, yerr=err, fmt="o", capsize=4)
+        ax.errorbar(x, acc, yerr=err, fmt="o", capsize=4)
+        # a point close to one already labelled gets its label below instead of above
+        near = sum(abs(x - px) < 0.08 * span and abs(acc - pa) < 4 for px, pa in placed)
         ax.annotate(
-            str(r.get("label") or r.get("policy")), (r["s_per_problem"], acc), textcoords="offset points", xytext=(6, 6)
+            str(r.get("label") or r.get("policy")), (x, acc), textcoords="offset points", xytext=(6, 6 - 14 * near)
         )
+        placed.append((x, acc))
     ax.set_xlabel("seconds per problem")
     ax.set_ylabel("accuracy (%, 95% Wilson CI)")
     n = pts[0].get("n_common", pts[0]["n"])
