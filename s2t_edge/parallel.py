@@ -93,7 +93,7 @@ def sample_batch(
                 continue
             t0 = time.perf_counter()
             rows = engine.step_many([t for _, _, t in feed], [s for _, s, _ in feed], [g.pos for g, _, _ in feed])
-            for grp in {id(g): g for g, _, _ in feed}.values():
+            for grp in live.values():  # every group still live fed its unfinished samples
                 grp.cands = {}
                 grp.pos += 1
             for (grp, s, _), row in zip(feed, rows):
