@@ -109,8 +109,8 @@ def eval_group(
     # One unified KV cache per model holds every sequence (as llama-server does): with a cache per
     # sequence, llama.cpp splits a step into several ubatches as soon as the active sequences are
     # not consecutive, which is most of the time once problems finish at different lengths.
-    n_ctx *= max(batch_slm, batch_teacher, maj_n if batch_slm > 1 else 1)  # batched maj@N: a share per sample
-    if maj_n > 1 and batch_slm == 1:  # one problem's N samples share the cache: its prompt + N answers
+    n_ctx *= max(batch_slm, batch_teacher)
+    if maj_n > 1:  # a problem's N samples share the cache: it must hold at least its prompt + N answers
         n_ctx = max(n_ctx, 1024 + maj_n * max_tokens)
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:

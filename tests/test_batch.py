@@ -246,6 +246,7 @@ def test_cli_eval_batch_maj(tmp_path: Path, tiny_gguf: Path, data: Path) -> None
     [
         ([], 8, 1024 + 8 * 600),  # one problem's 8 samples share the cache: prompt + 8 answers
         (["--batch", "16"], 16, 16 * (600 + 1024)),  # 2 problems x 8 samples, a share per sample
+        (["--batch", "4"], 8, 1024 + 8 * 600),  # fewer slots than samples: one problem at a time
     ],
 )
 def test_cli_eval_sizes_the_cache_for_maj(
