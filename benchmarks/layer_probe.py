@@ -160,17 +160,17 @@ def load_features(groups: Path, feats: Path) -> dict[str, np.ndarray]:
     return {name: np.concatenate(v) for name, v in cols.items()}
 
 
-def main(extract=None, probe=None) -> None:
-    """`extract` / `probe` command line (shared with lookahead_probe.py)."""
-    extract, probe = extract or globals()["extract"], probe or globals()["probe"]
+def main(commands: dict | None = None) -> None:
+    """`extract` / `probe` (/ ...) command line, shared with lookahead_probe.py."""
+    commands = commands or {"extract": extract, "probe": probe}
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["extract", "probe"])
+    ap.add_argument("command", choices=list(commands))
     ap.add_argument("groups", type=Path)
     ap.add_argument("feats", type=Path)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    (extract if args.command == "extract" else probe)(args.groups, args.feats)
+    commands[args.command](args.groups, args.feats)
 
 
 if __name__ == "__main__":
