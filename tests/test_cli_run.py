@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import s2t_edge.chat
-import s2t_edge.cli_run
+import s2t_edge.cli.run
 from s2t_edge.cli import main
 from s2t_edge.decode import Token, decode
 from s2t_edge.engine import Engine
@@ -125,7 +125,7 @@ def test_bad_option_values(tiny_gguf: Path, args: list[str], bad: str) -> None:
 
 
 def test_generate_ctrl_c(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(s2t_edge.cli_run, "decode", interrupt_after(3))
+    monkeypatch.setattr(s2t_edge.cli.run, "decode", interrupt_after(3))
     r = cli(tiny_gguf, "generate", PROMPT, "--show-stats")
     assert r.exit_code == 130 and "Traceback" not in r.output and "Aborted" not in r.output
     assert r.stdout.endswith("\n")
@@ -138,7 +138,7 @@ def test_ctrl_c_while_loading(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) 
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(s2t_edge.cli_run.RunOptions, "load", interrupted)
+    monkeypatch.setattr(s2t_edge.cli.run.RunOptions, "load", interrupted)
     for command in ("generate", "chat"):
         r = cli(tiny_gguf, command, *(["hi"] if command == "generate" else []), input="hi\n")
         assert r.exit_code == 130 and "Aborted" not in r.output
@@ -170,7 +170,7 @@ def test_chat_ctrl_c_keeps_session(tiny_gguf: Path, monkeypatch: pytest.MonkeyPa
             sessions.append(self)
 
     monkeypatch.setattr(s2t_edge.chat, "decode", interrupt_after(2, once=True))
-    monkeypatch.setattr(s2t_edge.cli_run, "ChatSession", Recorded)
+    monkeypatch.setattr(s2t_edge.cli.run, "ChatSession", Recorded)
     r = cli(tiny_gguf, "chat", "--max-tokens", "5", "--show-stats", input="one\ntwo\n/stats\n")
     assert r.exit_code == 0, r.output
     assert "finish interrupted" in r.stderr and "finish length" in r.stderr

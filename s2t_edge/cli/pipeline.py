@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from s2t_edge import cli_options
+from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
 
@@ -70,6 +70,37 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
         f"{m['problems']} problems, {m['positions']} positions, SLM accuracy "
         f"{m['correct'] / max(m['problems'], 1):.1%} → {out}"
     )
+
+
+@click.command()
+@click.option("--slm", default=None, help="SLM registry name or .gguf path (default: the default SLM).")
+@click.option("--teacher", default=None, help="Teacher registry name or .gguf path (default: the default teacher).")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="JSONL problems (GSM8K format).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Labels directory (resumable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N problems only.")
+@click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 64), default=16, show_default=True, help="Problems decoded at once.")
+@cli_options.threads
+@cli_options.gpu_layers
+def label(slm, teacher, data, out, limit, k, max_tokens, batch, threads, gpu_layers):
+    """Compact teacher labels over the SLM's top-K on the teacher's own trajectories (for `train --adapter`)."""
+    from s2t_edge.label import label as run
+    from s2t_edge.store import resolve_model
+
+    m = run(
+        resolve_model(slm),
+        resolve_model(teacher, role="teacher"),
+        data,
+        out,
+        limit=limit,
+        k=k,
+        max_tokens=max_tokens,
+        batch=batch,
+        threads=threads,
+        gpu_layers=gpu_layers,
+    )
+    click.echo(f"{m['problems']} problems labelled → {out}")
 
 
 @click.group()
@@ -185,14 +216,4 @@ def inspect(path, as_json):
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
-    t = m.get("training", {}).get("test", {})
-    click.echo(
-        f"bundle {path} (format {m['format_version']}, features v{m['feature_version']}) — verified\n"
-        f"  SLM        {m['slm']['name']}  sha256 {m['slm']['sha256'][:16]}…  vocab {m['slm']['vocab_size']}"
-        f"  GGUF {'bundled' if m['slm'].get('bundled_file') else 'not bundled (models pull)'}\n"
-        f"  reranker   K={m['k']}  threshold {m['threshold']:.3f}  opset {m['onnx_opset']}  "
-        f"parity {m['onnx_parity_max_abs_diff']:.1e}  {(b.onnx_path.stat().st_size / 1e6):.1f} MB\n"
-        f"  held-out   agreement {t.get('agreement', 0):.4f} vs greedy {t.get('greedy_agreement', 0):.4f}, "
-        f"hit@1 at divergence {t.get('hit1_at_divergence') or 0:.3f}\n"
-        f"  packages   {', '.join(f'{k} {v}' for k, v in m['packages'].items())}"
-    )
+    click.echo("\n".join(b.describe(str(path))))

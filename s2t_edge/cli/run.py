@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
-from s2t_edge import cli_options, store
+from s2t_edge import store
 from s2t_edge.chat import ChatSession
+from s2t_edge.cli import options as cli_options
 from s2t_edge.decode import DecodeStats, Token, decode
 from s2t_edge.errors import S2TError
 from s2t_edge.policy import Policy
@@ -203,7 +204,7 @@ def generate(
     """Answer PROMPT (`-` reads stdin) as one chat turn, streaming tokens to stdout."""
     if raw and system:
         raise click.UsageError("--system needs the chat template; drop --raw")
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = read_stdin() if prompt == "-" else prompt
     models, policy = run.load()
     engine = models.slm
     ids = engine.tokenize(text) if raw else chat_tokens(engine, ChatTemplate(engine), _prompt_messages(text, system))
@@ -247,10 +248,21 @@ Ctrl-C during an answer stops it; the partial answer stays in the conversation."
 def chat(run: RunOptions, system: str | None, show_stats: bool, show_flips: bool) -> None:
     """Chat with the model (type /help for commands); reads lines from stdin when piped."""
     models, policy = run.load()
+    if sys.stdin is None:  # stdin closed: nothing to read
+        return
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line of invalid UTF-8 is refused, not fatal
     session = ChatSession(models.slm, policy, system=system, max_tokens=run.max_tokens)
     if sys.stdin.isatty():
         click.echo(f"{models.slm.path.name} · policy {policy.name}", err=True)
     repl(session, show_stats=show_stats, tty=sys.stdin.isatty(), flips=show_flips)
+
+
+def read_stdin() -> str:
+    """All of stdin (`generate -`); invalid UTF-8 is refused later, with the prompt's tokenization."""
+    if sys.stdin is None:
+        raise S2TError("no standard input to read the prompt from (`-`)")
+    sys.stdin.reconfigure(errors="surrogateescape")
+    return sys.stdin.read()
 
 
 def _read_line(tty: bool) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from s2t_edge import cli_options
+from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
 
