@@ -1,15 +1,18 @@
-"""Continuous batching for offline work: many prompts decoded together, one llama.cpp batch per step.
+"""Continuous batching: many prompts decoded together, one llama.cpp batch per step.
 
 Each prompt gets a slot (a sequence of the engine); every step decodes one token for every active
 slot in a single `llama_decode`, and a finished slot takes the next prompt. On a CPU this turns
 the memory-bound one-token matrix-vector products into small matrix products (several times the
 throughput). Trigger and selector run per slot exactly as in `decode()`.
+
+`BatchScheduler` is the step-wise core (`add` a prompt into a free slot, `step` all slots once,
+`cancel` a slot): `decode_batch()` drives it for offline work, `s2t-edge serve` for live requests.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,10 +28,197 @@ from s2t_edge.trigger import Always
 
 @dataclass
 class _Slot:
-    index: int  # which prompt
+    key: Hashable  # the caller's name for this prompt (decode_batch: its index)
     prompt: list[int]
+    policy: Policy
+    max_tokens: int
+    limit: int  # positions this sequence may fill
     out: list[int] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
+    nxt: tuple[Candidates, np.ndarray | None] | None = None  # the next step's inputs
+    pick: int | None = None  # the teacher's choice at the next step
+
+
+@dataclass(frozen=True)
+class SlotToken:
+    """What one slot did in one `step()`: its token (None when an end-of-generation token ended
+    it; that token is in `stats.stop_token`), whether the trigger fired and the token differs
+    from the SLM's top-1, and whether the slot is done (then it is already free)."""
+
+    seq: int
+    key: Hashable
+    token: int | None
+    fired: bool
+    flipped: bool
+    done: bool
+    out: list[int]  # every token generated so far (the slot's own list)
+    stats: DecodeStats
+
+
+class BatchScheduler:
+    """A step-wise continuous batch over `engine.n_seq` slots.
+
+    `add()` prefills a prompt into a free slot; `step()` chooses one token for every active slot
+    (from the logits of the previous decode), then the next `step()` decodes all the continuing
+    slots in one `llama_decode` before choosing again. So a slot's first token comes straight
+    after its prefill, and a slot added between two steps joins the batch at the next one.
+
+    Each slot may carry its own policy (e.g. greedy next to s2t-local, or a seeded sampler);
+    policy objects shared by several slots must not keep state between steps (greedy and
+    s2t-local do not). A teacher policy (s2t / takeover, trigger "always") is the scheduler's
+    only: the teacher runs as a second batch in lockstep, same sequence ids, same accepted tokens.
+    """
+
+    def __init__(
+        self, engine: Engine, policy: Policy, *, on_logits: Callable[[Hashable, np.ndarray], None] | None = None
+    ) -> None:
+        self._check(engine, policy)
+        self.engine, self.policy, self.on_logits = engine, policy, on_logits
+        self.teacher = policy.selector.teacher if isinstance(policy.selector, TeacherSelector) else None
+        if self.teacher is not None:
+            if not isinstance(policy.trigger, Always):
+                raise S2TError(f"batched {policy.name} supports --trigger always only (use --batch 1)")
+            if self.teacher.n_seq < engine.n_seq or self.teacher.n_ctx_seq < engine.n_ctx_seq:
+                raise S2TError("the teacher needs as many sequences and as much context per sequence as the SLM")
+            self.teacher.reset()
+        self.active: dict[int, _Slot] = {}  # seq id -> slot
+        self._free = list(range(engine.n_seq))[::-1]
+        self._feed: dict[int, int] = {}  # seq id -> the token chosen at the last step, not yet decoded
+        engine.reset()
+
+    @staticmethod
+    def _check(engine: Engine, policy: Policy) -> None:
+        if policy.needs_hidden and not engine.hidden_enabled:
+            raise S2TError(f"policy {policy.name} needs an engine built with hidden=True")
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        *,
+        key: Hashable = None,
+        max_tokens: int = 512,
+        policy: Policy | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Prefill `prompt` into a free slot and return its sequence id; its first token comes
+        with the next `step()`. `policy` overrides the scheduler's for this slot (not with a
+        teacher); `limit` caps the positions it may fill (default: the engine's per sequence)."""
+        if not self._free:
+            raise S2TError("no free slot in the batch")
+        if policy is not None and policy is not self.policy:
+            if self.teacher is not None or isinstance(policy.selector, TeacherSelector):
+                raise S2TError("a teacher policy cannot be mixed with other policies in one batch")
+            self._check(self.engine, policy)
+        seq_limit = min(limit or self.engine.n_ctx_seq, self.engine.n_ctx_seq)
+        if len(prompt) > seq_limit:
+            raise S2TError(f"context overflow: a {len(prompt)}-token prompt > {seq_limit} per sequence")
+        slot = _Slot(key, list(prompt), policy or self.policy, max_tokens, seq_limit)
+        slot.stats.prompt_tokens = len(slot.prompt)
+        slot.stats.finish_reason = "length"
+        seq = self._free.pop()
+        self.active[seq] = slot
+        t0 = time.perf_counter()
+        try:
+            self._take(seq, self.engine.prefill_seq(slot.prompt, seq), self.engine.hidden)
+            if self.teacher is not None:
+                self._teach(seq, self.teacher.prefill_seq(slot.prompt, seq))
+        except BaseException:
+            self._release(seq)  # a failed prefill leaves the slot free and its cells dropped
+            raise
+        dt = time.perf_counter() - t0
+        slot.stats.model_s += dt
+        slot.stats.prefill_s += dt
+        return seq
+
+    def _take(self, seq: int, logits: np.ndarray, hidden: np.ndarray | None) -> None:
+        """Keep what the slot's next step needs out of this decode's (reused) buffers."""
+        slot = self.active[seq]
+        if self.on_logits is not None:
+            self.on_logits(slot.key, logits)
+        slot.nxt = (candidates(logits, slot.policy.k), hidden.copy() if self.engine.hidden_enabled else None)
+
+    def _teach(self, seq: int, teacher_logits: np.ndarray) -> None:
+        slot = self.active[seq]
+        slot.pick = teacher_choice(teacher_logits, slot.nxt[0].ids, self.policy.selector.mode)
+
+    def _decode_feed(self) -> None:
+        """One llama_decode for the tokens chosen at the last step (and one for the teacher)."""
+        seqs = list(self._feed)
+        tokens = [self._feed[s] for s in seqs]
+        self._feed.clear()
+        positions = [len(self.active[s].prompt) + len(self.active[s].out) - 1 for s in seqs]
+        t0 = time.perf_counter()
+        rows = self.engine.step_many(tokens, seqs, positions)
+        for j, s in enumerate(seqs):
+            self._take(s, rows[j], self.engine.hidden_rows[j] if self.engine.hidden_enabled else None)
+        if self.teacher is not None:
+            for j, t_row in enumerate(self.teacher.step_many(tokens, seqs, positions)):
+                self._teach(seqs[j], t_row)
+        dt = (time.perf_counter() - t0) / len(seqs)
+        for s in seqs:  # wall time of the batched decode is shared by its sequences
+            self.active[s].stats.model_s += dt
+
+    def step(self) -> list[SlotToken]:
+        """Decode the tokens chosen last time (one batch), then choose each active slot's next
+        token. A slot that ends (end of turn, max tokens, context full) is freed at once."""
+        if self._feed:
+            self._decode_feed()
+        events: list[SlotToken] = []
+        for seq, slot in list(self.active.items()):
+            t0 = time.perf_counter()
+            cands, hidden = slot.nxt
+            slot.nxt = None
+            step = Step(slot.prompt + slot.out, len(slot.prompt), cands, hidden)
+            if self.teacher is not None:
+                fired, token = True, slot.pick
+            else:
+                fired = slot.policy.trigger.fires(step)
+                token = slot.policy.selector.select(step) if fired else int(cands.ids[0])
+            flipped = token != int(cands.ids[0])
+            st = slot.stats
+            st.count(fired, flipped)
+            done = True
+            if self.engine.is_eog(token):
+                st.finish_reason, st.stop_token = "stop", token
+                emitted = None
+            else:
+                slot.out.append(token)
+                emitted = token
+                # otherwise finished: max tokens or context full (finish_reason "length")
+                if len(slot.out) < slot.max_tokens and len(slot.prompt) + len(slot.out) <= slot.limit:
+                    self._feed[seq] = token
+                    done = False
+            if done:
+                self._release(seq)
+            st.ours_s += time.perf_counter() - t0
+            events.append(SlotToken(seq, slot.key, emitted, fired, flipped, done, slot.out, st))
+        return events
+
+    def _release(self, seq: int) -> None:
+        del self.active[seq]
+        self._feed.pop(seq, None)
+        self.engine.drop_seq(seq)
+        if self.teacher is not None:
+            self.teacher.drop_seq(seq)
+        self._free.append(seq)
+
+    def cancel(self, seq: int) -> None:
+        """End a slot now (e.g. its client went away) and free it for the next prompt."""
+        if seq in self.active:
+            self._release(seq)
+
+    def close(self) -> None:
+        """Drop every slot and clear the caches."""
+        self.active.clear()
+        self._feed.clear()
+        self._free = list(range(self.engine.n_seq))[::-1]
+        self.engine.reset()
+        if self.teacher is not None:
+            self.teacher.reset()
 
 
 def decode_batch(
@@ -37,6 +227,7 @@ def decode_batch(
     policy: Policy,
     *,
     max_tokens: int = 512,
+    on_logits: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[int, list[int], DecodeStats]]:
     """Decode every prompt with `policy`; yields (prompt index, generated ids, stats) as each ends.
 
@@ -44,89 +235,21 @@ def decode_batch(
     reordering inside llama.cpp's batched kernels. Trigger and selector objects are shared by the
     slots, so they must not keep state between steps (greedy and s2t-local do not).
 
+    `on_logits(prompt index, logits)`, when given, sees every step's full logits row (a view valid
+    only during the call) before the step's token is chosen: one call per counted step.
+
     Teacher policies (s2t / takeover, trigger "always") run the teacher as a second batch in
     lockstep: the same sequence ids, fed the same accepted tokens.
     """
-    if policy.needs_hidden and not engine.hidden_enabled:
-        raise S2TError(f"policy {policy.name} needs an engine built with hidden=True")
-    teacher = policy.selector.teacher if isinstance(policy.selector, TeacherSelector) else None
-    if teacher is not None:
-        if not isinstance(policy.trigger, Always):
-            raise S2TError(f"batched {policy.name} supports --trigger always only (use --batch 1)")
-        if teacher.n_seq < engine.n_seq or teacher.n_ctx_seq < engine.n_ctx_seq:
-            raise S2TError("the teacher needs as many sequences and as much context per sequence as the SLM")
-        teacher.reset()
-    k = policy.k
+    sched = BatchScheduler(engine, policy, on_logits=on_logits)
     queue = list(range(len(prompts)))[::-1]
-    free = list(range(engine.n_seq))[::-1]
-    active: dict[int, _Slot] = {}  # seq id -> slot
-    nxt: dict[int, tuple[Candidates, np.ndarray | None]] = {}  # seq id -> its next step's inputs
-    picks: dict[int, int] = {}  # seq id -> the teacher's choice at its next step
-    engine.reset()
     try:
-        while queue or active:
-            while queue and free:  # fill free slots; prompts are prefilled one at a time
-                seq, i = free.pop(), queue.pop()
-                slot = _Slot(i, list(prompts[i]))
-                slot.stats.prompt_tokens = len(slot.prompt)
-                slot.stats.finish_reason = "length"
-                t0 = time.perf_counter()
-                cands = candidates(engine.prefill_seq(slot.prompt, seq), k)
-                nxt[seq] = (cands, engine.hidden.copy() if engine.hidden_enabled else None)
-                if teacher is not None:
-                    picks[seq] = teacher_choice(teacher.prefill_seq(slot.prompt, seq), cands.ids, policy.selector.mode)
-                dt = time.perf_counter() - t0
-                slot.stats.model_s += dt
-                slot.stats.prefill_s += dt
-                active[seq] = slot
-            t0 = time.perf_counter()
-            feed: list[tuple[int, int]] = []
-            finished: list[_Slot] = []
-            for seq, slot in list(active.items()):
-                cands, hidden = nxt.pop(seq)
-                step = Step(slot.prompt + slot.out, len(slot.prompt), cands, hidden)
-                if teacher is not None:
-                    fired, token = True, picks.pop(seq)
-                else:
-                    fired = policy.trigger.fires(step)
-                    token = policy.selector.select(step) if fired else int(cands.ids[0])
-                st = slot.stats
-                st.count(fired, token != int(cands.ids[0]))
-                if engine.is_eog(token):
-                    st.finish_reason, st.stop_token = "stop", token
-                else:
-                    slot.out.append(token)
-                    n = len(slot.prompt) + len(slot.out)
-                    if len(slot.out) < max_tokens and n <= engine.n_ctx_seq:
-                        feed.append((seq, token))
-                        continue
-                # finished: end of turn, max tokens or context full (finish_reason "length")
-                del active[seq]
-                engine.drop_seq(seq)
-                if teacher is not None:
-                    teacher.drop_seq(seq)
-                free.append(seq)
-                finished.append(slot)
-            t1 = time.perf_counter()
-            for seq, _ in feed:
-                active[seq].stats.ours_s += (t1 - t0) / (len(feed) + len(finished))
-            if feed:
-                seqs = [s for s, _ in feed]
-                positions = [len(active[s].prompt) + len(active[s].out) - 1 for s in seqs]
-                logits_rows = engine.step_many([t for _, t in feed], seqs, positions)
-                for j, s in enumerate(seqs):
-                    hidden = engine.hidden_rows[j].copy() if engine.hidden_enabled else None
-                    nxt[s] = (candidates(logits_rows[j], k), hidden)
-                if teacher is not None:
-                    t_rows = teacher.step_many([t for _, t in feed], seqs, positions)
-                    for j, s in enumerate(seqs):
-                        picks[s] = teacher_choice(t_rows[j], nxt[s][0].ids, policy.selector.mode)
-                t2 = time.perf_counter()
-                for s in seqs:  # wall time of the batched decode is shared by its sequences
-                    active[s].stats.model_s += (t2 - t1) / len(seqs)
-            for slot in finished:
-                yield slot.index, slot.out, slot.stats
+        while queue or sched.active:
+            while queue and sched.free_slots:  # fill free slots; prompts are prefilled one at a time
+                i = queue.pop()
+                sched.add(prompts[i], key=i, max_tokens=max_tokens)
+            for ev in sched.step():
+                if ev.done:
+                    yield ev.key, ev.out, ev.stats
     finally:
-        engine.reset()
-        if teacher is not None:
-            teacher.reset()
+        sched.close()

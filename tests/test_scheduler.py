@@ -1,0 +1,83 @@
+"""`BatchScheduler`, the step-wise core of `decode_batch` and `serve`: joining between steps,
+cancelling, and a policy per slot, each slot equal to the decode loop on its own prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from s2t_edge.batch import BatchScheduler
+from s2t_edge.engine import Engine
+from s2t_edge.policy import greedy
+from s2t_edge.runtime import build_policy
+from tests.test_batch import prompts, sequential
+from tests.test_runtime_policy import open_tiny, run
+
+
+def drain(sched: BatchScheduler, out: dict[int, list[int]]) -> None:
+    while sched.active:
+        for ev in sched.step():
+            if ev.done:
+                out[ev.key] = list(ev.out)
+
+
+def test_a_prompt_added_between_steps_joins_at_the_next_one(tiny_gguf: Path) -> None:
+    ref = sequential(tiny_gguf, 10)
+    with Engine(tiny_gguf, n_ctx=3 * 256, n_threads=1, n_seq=3) as e:
+        ps = prompts(e)
+        sched = BatchScheduler(e, greedy())
+        a = sched.add(ps[0], key=0, max_tokens=10)
+        first = sched.step()  # the first token comes straight after the prefill
+        assert [(ev.seq, ev.done) for ev in first] == [(a, False)] and first[0].token == ref[0][0]
+        sched.step()
+        sched.add(ps[1], key=1, max_tokens=10)
+        joined = sched.step()
+        assert sorted(ev.key for ev in joined) == [0, 1]  # both in the same step now
+        assert sched.free_slots == 1
+        out: dict[int, list[int]] = {}
+        drain(sched, out)
+        assert sched.free_slots == 3
+        sched.close()
+        assert e.n_past == 0
+    assert out == {0: ref[0], 1: ref[1]}
+
+
+def test_cancel_frees_the_slot_for_the_next_prompt(tiny_gguf: Path) -> None:
+    ref = sequential(tiny_gguf, 10)
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1, n_seq=1) as e:
+        ps = prompts(e)
+        sched = BatchScheduler(e, greedy())
+        seq = sched.add(ps[0], key=0, max_tokens=10)
+        sched.step()
+        assert sched.free_slots == 0
+        sched.cancel(seq)
+        assert sched.free_slots == 1 and not sched.active
+        sched.add(ps[2], key=2, max_tokens=10)
+        out: dict[int, list[int]] = {}
+        drain(sched, out)
+    assert out == {2: ref[2]}  # nothing of the cancelled prompt leaked into the cache
+
+
+def test_each_slot_runs_its_own_policy(tiny_gguf: Path, always_bundle: Path) -> None:
+    one = open_tiny(tiny_gguf, always_bundle)
+    try:
+        local = build_policy(one, "s2t-local")
+        ps = prompts(one.slm)
+        ref_local, st_local = run(one.slm, ps[0], **local.decode_args())
+        ref_greedy, _ = run(one.slm, ps[1], **greedy().decode_args())
+    finally:
+        one.close()
+    models = open_tiny(tiny_gguf, always_bundle, n_seq=2)
+    try:
+        sched = BatchScheduler(models.slm, build_policy(models, "s2t-local"))
+        sched.add(ps[0], key="local", max_tokens=10)
+        sched.add(ps[1], key="greedy", max_tokens=10, policy=greedy())
+        out: dict[str, list[int]] = {}
+        flips: dict[str, int] = {}
+        while sched.active:
+            for ev in sched.step():
+                if ev.done:
+                    out[ev.key], flips[ev.key] = list(ev.out), ev.stats.flips
+    finally:
+        models.close()
+    assert out == {"local": ref_local, "greedy": ref_greedy}
+    assert flips == {"local": st_local.flips, "greedy": 0} and st_local.flips > 0
