@@ -1,4 +1,4 @@
-"""`s2t-edge export`: GGUF + verified ONNX reranker + manifest = an S2T-LOCAL bundle."""
+"""`s2t-edge export`: GGUF + verified LoRA adapter and/or ONNX reranker + manifest = an S2T-LOCAL bundle."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from s2t_edge import __version__
 from s2t_edge.bundle import (
+    ADAPTER_NAME,
     FEATURE_VERSION,
     FORMAT_VERSION,
     MANIFEST,
@@ -20,10 +24,6 @@ from s2t_edge.bundle import (
 )
 from s2t_edge.errors import S2TError
 from s2t_edge.store import check_gguf_file, sha256_file
-
-from ..train.data import output_embedding
-from ..train.train import load_checkpoint
-from .onnx_export import OPSET, Shipped, check_parity, export_onnx
 
 QUANT_TYPES = {"Q4_K_M": 15, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
 
@@ -54,29 +54,71 @@ def _place_gguf(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def export_bundle(
-    slm: Path,
-    ckpt_path: Path,
-    out: Path,
-    *,
-    archive: bool = False,
-    quantize: str | None = None,
-    include_gguf: bool = True,
-    slm_name: str | None = None,
-) -> Path:
-    """Write the bundle folder `out` (and `out.tar` with `archive`); returns the bundle's path."""
-    check_gguf_file(slm)
+@dataclass
+class AdapterExport:
+    """What a trained LoRA brings to `export_bundle`: the PeftModel (over the SLM loaded from the
+    very GGUF being bundled), held-out prompts for the export check, and its training record."""
+
+    model: Any
+    prompts: Sequence[str]
+    k: int = 8  # candidates s2t-local shows per step (the K the adapter was trained over)
+    training: dict = field(default_factory=dict)  # data, config, metrics: JSON-serialisable
+    base_sha256: str | None = None  # sha256 of the GGUF it was trained on (checked when given)
+    dtype: str = "f16"
+    scale: float = 1.0
+    thresholds: dict | None = None  # default: adapter_check.thresholds_for(the check)
+
+
+def _adapter_section(gguf: Path, sha: str, adapter: AdapterExport, out: Path) -> dict:
+    """Write `out/adapter.gguf`, check it against torch + peft, return the manifest's section."""
+    from .adapter_check import check_adapter, require_adapter_check
+    from .lora_gguf import export_lora
+
+    if adapter.base_sha256 and adapter.base_sha256 != sha:
+        raise S2TError(
+            f"adapter was trained on another GGUF (sha256 {adapter.base_sha256[:12]}…), not {gguf.name}; "
+            "export it with the GGUF it was trained on"
+        )
+    path = out / ADAPTER_NAME
+    try:
+        path, lora = export_lora(adapter.model, gguf, path, dtype=adapter.dtype, base_sha256=sha)
+        check = check_adapter(gguf, path, adapter.model, adapter.prompts, scale=adapter.scale)
+        thresholds = require_adapter_check(check, adapter.thresholds)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return {
+        "file": ADAPTER_NAME,
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "target_modules": lora.target_modules,
+        "dtype": adapter.dtype,
+        "scale": adapter.scale,
+        "base_sha256": sha,
+        "n_params": lora.n_params,
+        "check": {**check, "thresholds": thresholds},
+        "training": adapter.training,
+    }
+
+
+def _reranker_fields(gguf: Path, sha: str, ckpt_path: Path, out: Path, quantized: bool) -> tuple[dict, dict]:
+    """Export and parity-check the ONNX reranker: (its manifest fields, package versions)."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    from ..train.data import output_embedding
+    from ..train.train import load_checkpoint
+    from .onnx_export import OPSET, Shipped, check_parity, export_onnx
+
     model, ckpt = load_checkpoint(ckpt_path)
     report = ckpt["report"]
-    out.mkdir(parents=True, exist_ok=True)
-    gguf = slm
-    if quantize:
-        gguf = quantize_gguf(slm, out / f"{slm.stem}-{quantize.lower()}.gguf", quantize)
     emb = output_embedding(gguf)
     if emb.shape[1] != ckpt["n_embd"]:
         raise S2TError(f"reranker was trained on hidden size {ckpt['n_embd']}, {gguf.name} has {emb.shape[1]}")
-    sha = sha256_file(gguf)
-    if report["groups"].get("slm_sha256") and not quantize and report["groups"]["slm_sha256"] != sha:
+    if report["groups"].get("slm_sha256") and not quantized and report["groups"]["slm_sha256"] != sha:
         raise S2TError(
             f"reranker was trained on groups from another SLM (sha256 {report['groups']['slm_sha256'][:12]}…), "
             f"not {gguf.name}"
@@ -85,30 +127,11 @@ def export_bundle(
     onnx_path = export_onnx(shipped, out / ONNX_NAME)
     inputs = ckpt["parity_inputs"]
     worst = check_parity(shipped, onnx_path, inputs["hidden"], inputs["ids"], inputs["logits"])
-    bundled = None
-    if include_gguf:
-        bundled = gguf.name
-        if gguf.parent != out:
-            _place_gguf(gguf, out / bundled)
-    import onnx
-    import onnxruntime
-    import torch
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
+    fields = {
         "feature_version": FEATURE_VERSION,
         "k": model.k,
         "threshold": report["threshold"],
         "select_rule": report.get("rule", "best"),
-        "slm": {
-            "name": slm_name or gguf.stem,
-            "sha256": sha,
-            "fingerprint": fingerprint(gguf),
-            "size": gguf.stat().st_size,
-            "vocab_size": int(emb.shape[0]),
-            "n_embd": int(emb.shape[1]),
-            "bundled_file": bundled,
-        },
         "onnx_sha256": sha256_file(onnx_path),
         "onnx_opset": OPSET,
         "onnx_parity_max_abs_diff": worst,
@@ -119,15 +142,81 @@ def export_bundle(
             "val": report["val"],
             "problems": report["problems"],
         },
-        "packages": {
-            "s2t-edge": __version__,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
+    }
+    return fields, {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _adapter_packages() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "gguf"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def export_bundle(
+    slm: Path,
+    ckpt_path: Path | None,
+    out: Path,
+    *,
+    adapter: AdapterExport | None = None,
+    archive: bool = False,
+    quantize: str | None = None,
+    include_gguf: bool = True,
+    slm_name: str | None = None,
+) -> Path:
+    """Write the bundle folder `out` (and `out.tar` with `archive`); returns the bundle's path.
+
+    The bundle holds the reranker of `ckpt_path` (reranker.pt), the LoRA `adapter`, or both;
+    each is checked against what it was trained as before the manifest is written."""
+    check_gguf_file(slm)
+    if ckpt_path is None and adapter is None:
+        raise S2TError("a bundle needs a reranker checkpoint, an adapter, or both")
+    if adapter is not None and quantize:
+        raise S2TError("an adapter runs on the GGUF it was trained on: quantize first, train, then export")
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = slm
+    if quantize:
+        gguf = quantize_gguf(slm, out / f"{slm.stem}-{quantize.lower()}.gguf", quantize)
+    from .lora_gguf import base_tensor_shapes
+
+    n_vocab, n_embd = base_tensor_shapes(gguf)[1]["token_embd.weight"]
+    sha = sha256_file(gguf)
+    fields, packages = ({}, {}) if ckpt_path is None else _reranker_fields(gguf, sha, ckpt_path, out, bool(quantize))
+    section = None
+    if adapter is not None:
+        if "k" in fields and fields["k"] != adapter.k:
+            raise S2TError(f"the reranker ranks top-{fields['k']}, the adapter was trained over top-{adapter.k}")
+        section = _adapter_section(gguf, sha, adapter, out)
+        packages.update(_adapter_packages())
+    bundled = None
+    if include_gguf:
+        bundled = gguf.name
+        if gguf.parent != out:
+            _place_gguf(gguf, out / bundled)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "k": fields.pop("k", adapter.k if adapter else 8),
+        **{k: v for k, v in fields.items() if k != "training"},
+        "slm": {
+            "name": slm_name or gguf.stem,
+            "sha256": sha,
+            "fingerprint": fingerprint(gguf),
+            "size": gguf.stat().st_size,
+            "vocab_size": int(n_vocab),
+            "n_embd": int(n_embd),
+            "bundled_file": bundled,
         },
+        "adapter": section,
+        **({"training": fields["training"]} if "training" in fields else {}),
+        "packages": {"s2t-edge": __version__, **packages},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    load_bundle(out)  # the bundle we just wrote must pass our own verification
+    load_bundle(out).check_slm(gguf, int(n_vocab))  # what we just wrote must pass our own verification
     if archive:
         tar_path = out.with_suffix(".tar")
         with tarfile.open(tar_path, "w") as tar:

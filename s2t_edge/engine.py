@@ -22,9 +22,18 @@ from s2t_edge.store import check_gguf_file
 _backend_ready = False
 
 
+class ContextOverflow(S2TError):
+    """The input does not fit the context (a user error: shorten it or raise --ctx)."""
+
+
+_last_error = [""]  # llama.cpp's last ERROR-level line, quoted in our own messages
+
+
 @llama_cpp.llama_log_callback
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """Drop llama.cpp's chatter; errors reach the user through our own messages."""
+    if level == 4:  # GGML_LOG_LEVEL_ERROR
+        _last_error[0] = text.decode("utf-8", "replace").strip()
     if os.environ.get("S2T_EDGE_LLAMA_LOG"):
         print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
 
@@ -81,6 +90,8 @@ class Engine:
         n_seq: int = 1,
         n_batch: int = 512,
         unified: bool | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
         _init_backend()
         self.path = check_gguf_file(model_path)
@@ -105,8 +116,9 @@ class Engine:
             cparams.n_ctx = min(n_ctx, self.n_ctx_train * n_seq)
         else:  # a separate cache per sequence
             cparams.n_ctx = min(n_ctx // n_seq, self.n_ctx_train) * n_seq
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
+        # llama.cpp caps its batch at the context: ask for no more, and read back what it took
+        # (chunks larger than its batch reach a GGML assert, not an error code)
+        cparams.n_batch = cparams.n_ubatch = max(1, min(n_batch, cparams.n_ctx))
         cparams.n_seq_max = n_seq
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -119,15 +131,23 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         # positions one sequence may reach (llama.cpp may pad its own figure)
         self.n_ctx_seq = min(llama_cpp.llama_n_ctx_seq(self._ctx), self.n_ctx_train)
-        self.n_batch = n_batch
+        self.n_ctx_asked = cparams.n_ctx
+        self.n_batch = min(llama_cpp.llama_n_batch(self._ctx), llama_cpp.llama_n_ubatch(self._ctx))
+        if self.n_batch < n_seq:  # one step decodes a token of every sequence in one batch
+            self.close()
+            raise S2TError(f"a context of {cparams.n_ctx} tokens is too small for {n_seq} sequences; raise --ctx")
         self.n_seq = n_seq
         self.hidden_enabled = hidden
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, n_seq)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
         self.hidden: np.ndarray | None = None
         self.hidden_rows: list[np.ndarray] = []
         self._embeddings_on = False
+        # LoRA adapter (optional): loaded once, applied to the context; see load_lora / use_lora
+        self._lora, self.lora_path, self.lora_scale, self.lora_on = None, None, lora_scale, False
+        if lora is not None:
+            self.load_lora(lora, lora_scale)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -139,6 +159,9 @@ class Engine:
         if getattr(self, "_ctx", None):
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        if getattr(self, "_lora", None):  # after the context that uses it, before its model
+            llama_cpp.llama_adapter_lora_free(self._lora)
+            self._lora = None
         if getattr(self, "_model", None):
             llama_cpp.llama_model_free(self._model)
             self._model = None
@@ -152,11 +175,46 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- LoRA adapter ----------------------------------------------------------------------
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Load a GGUF LoRA adapter made for this model and switch it on (S2TError, one line,
+        if llama.cpp refuses it: unreadable, truncated, another architecture or other shapes)."""
+        if self._lora:
+            raise S2TError(f"{self.path.name}: a LoRA adapter is already loaded ({self.lora_path})")
+        p = Path(path)
+        if not p.is_file():
+            raise S2TError(f"{p}: no such LoRA adapter file")
+        _last_error[0] = ""
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(p).encode())
+        if not adapter:
+            why = _last_error[0].split("failed to apply lora adapter: ")[-1] or "not a LoRA GGUF?"
+            raise S2TError(f"{p}: llama.cpp refused this LoRA adapter for {self.path.name} ({why})")
+        self._lora, self.lora_path, self.lora_scale = adapter, p, float(scale)
+        self.use_lora(True)
+
+    def use_lora(self, on: bool) -> None:
+        """Switch the loaded adapter on or off. The KV cache was computed by the other model, so
+        it is dropped whenever this changes anything."""
+        if on and not self._lora:
+            raise S2TError(f"{self.path.name}: no LoRA adapter loaded")
+        if on == self.lora_on:
+            return
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
+        scales = (ctypes.c_float * 1)(self.lora_scale)
+        if llama_cpp.llama_set_adapters_lora(self._ctx, adapters if on else None, int(on), scales if on else None):
+            raise S2TError(f"{self.path.name}: llama.cpp could not {'apply' if on else 'remove'} the LoRA adapter")
+        self.lora_on = on
+        self.reset()
+
     # ---- tokenizer -------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of `text` (no BOS added; `special` parses control tokens like <|im_end|>)."""
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from argv or stdin (surrogate escapes)
+            raise S2TError("the input is not valid UTF-8 text") from None
         n_max = len(data) + 16
         buf = (llama_cpp.llama_token * n_max)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
@@ -218,10 +276,15 @@ class Engine:
 
     def _check_room(self, n_new: int) -> None:
         if self.n_past + n_new > self.n_ctx_seq:
-            raise S2TError(
-                f"context overflow: {self.n_past} tokens in context + {n_new} new > n_ctx "
-                f"{self.n_ctx_seq}; shorten the prompt, /reset the chat or raise --ctx"
+            raise ContextOverflow(
+                f"context overflow: {self.n_past} tokens in context + {n_new} new > the context of "
+                f"{self.n_ctx_seq} tokens{self._rounded()}; shorten the input or raise --ctx"
             )
+
+    def _rounded(self) -> str:
+        """Why the context differs from what was asked (llama.cpp pads it; the model caps it)."""
+        asked = self.n_ctx_asked // self.n_seq
+        return f" (--ctx {asked} became {self.n_ctx_seq})" if asked != self.n_ctx_seq else ""
 
     def _decode(
         self, tokens: Sequence[int], pos: int | Sequence[int], outputs: Sequence[bool], seq: int | Sequence[int] = 0
@@ -323,7 +386,10 @@ class Engine:
         hidden state of each (views valid until the next decode)."""
         positions = [pos] * len(tokens) if isinstance(pos, int) else list(pos)
         if max(positions) >= self.n_ctx_seq:
-            raise S2TError(f"context overflow: position {max(positions)} >= {self.n_ctx_seq} per sequence; raise --ctx")
+            raise ContextOverflow(
+                f"context overflow: position {max(positions)} >= {self.n_ctx_seq} per sequence{self._rounded()}; "
+                "raise --ctx"
+            )
         self._set_embeddings(self.hidden_enabled)
         self._decode(tokens, positions, [True] * len(tokens), seqs)
         if self.hidden_enabled:
@@ -336,7 +402,10 @@ class Engine:
         if not tokens:
             raise S2TError("empty prompt")
         if len(tokens) > self.n_ctx_seq:
-            raise S2TError(f"context overflow: a {len(tokens)}-token prompt > {self.n_ctx_seq} per sequence")
+            raise ContextOverflow(
+                f"context overflow: a {len(tokens)}-token prompt > {self.n_ctx_seq} per sequence{self._rounded()}; "
+                "shorten it or raise --ctx"
+            )
         return self._prefill(tokens, seq, 0, track=False)
 
     def _hidden(self, i: int) -> np.ndarray:

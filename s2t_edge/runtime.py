@@ -74,11 +74,14 @@ def open_models(
         n_ctx=ctx,
         n_threads=threads,
         n_gpu_layers=gpu_layers,
-        hidden=chosen is not None,
+        hidden=chosen is not None and chosen.has_reranker,
         n_seq=n_seq,
     )
     if chosen is not None:
-        chosen.check_slm(slm_path, slm.n_vocab)
+        chosen.check_slm(slm_path, slm.n_vocab)  # before the adapter is loaded or anything decodes
+        if chosen.adapter_path is not None:
+            slm.load_lora(chosen.adapter_path, chosen.adapter_scale)
+            slm.use_lora(False)  # the base model until build_policy picks s2t-local
     t = None
     if teacher:
         t = Engine(
@@ -103,9 +106,15 @@ def build_policy(
     threshold: float | None = None,
 ) -> Policy:
     """The named policy over loaded models. Default: s2t-local when a bundle is loaded, else greedy;
-    a temperature > 0 samples instead."""
+    a temperature > 0 samples instead.
+
+    A bundle's LoRA adapter belongs to s2t-local: building a policy switches it on for s2t-local
+    and off for every other (the SLM's KV cache is dropped when that changes the model). A caller
+    decoding without a built policy (maj@N) should call `models.slm.use_lora(False)` itself."""
     if policy is None:
         policy = "s2t-local" if models.bundle else "greedy"
+    if models.slm.lora_path is not None:  # the bundle's adapter is part of s2t-local only
+        models.slm.use_lora(policy == "s2t-local" and temperature == 0)
     if temperature < 0:
         raise S2TError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature > 0:  # plain sampling over the top-k; selection policies are greedy by nature
@@ -115,6 +124,8 @@ def build_policy(
     if policy == "s2t-local":
         if models.bundle is None:
             raise S2TError("policy s2t-local needs a bundle (--bundle PATH, or the default bundle)")
+        if not models.bundle.has_reranker:  # greedy over the adapted SLM
+            return Policy("s2t-local", k=models.bundle.k)
         sel = S2TLocal(OnnxReranker(models.bundle.onnx_path), models.bundle.threshold, models.bundle.select_rule)
         return Policy("s2t-local", k=models.bundle.k, trigger=sel, selector=sel, needs_hidden=True)
     if policy in ("s2t", "takeover"):

@@ -1,0 +1,291 @@
+"""LoRA adapters: peft → GGUF export, llama.cpp load and parity with torch + peft, refusals, and an
+adapter bundle decoded by the runtime (tiny qwen2 GGUFs, loaded by transformers' GGUF loader)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from s2t_edge.export.adapter_check import EXACT_THRESHOLDS, check_adapter, require_adapter_check
+from s2t_edge.export.bundle_writer import AdapterExport, export_bundle
+from s2t_edge.export.lora_gguf import HF_TO_GGUF, export_lora, lora_from_peft, write_lora_gguf
+
+from s2t_edge.bundle import ADAPTER_NAME, load_bundle
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+from s2t_edge.runtime import build_policy, open_models
+
+RANK, ALPHA = 4, 8
+TARGETS = [m.split(".")[1] for m in HF_TO_GGUF]
+PROMPTS = [
+    "Hello world, the answer is 42.",
+    "<|im_start|>user\nLet the number equals 7 plus 5.<|im_end|>\n<|im_start|>assistant\n",
+    "So we think step by step: 3 times 4 is 12, and the answer is",
+]
+
+
+def tiny_hf(gguf_path: Path):
+    """The tiny GGUF loaded by transformers (dequantized; F32 here)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+
+
+def peft_lora(gguf_path: Path, *, b_std: float = 0.1, seed: int = 0, **cfg):
+    """A PeftModel over the tiny GGUF with random (non-zero) B, so the adapter does something."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_hf(gguf_path)
+    torch.manual_seed(seed)  # peft draws A from torch's global generator
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and b_std:
+                p.copy_(torch.randn(p.shape, generator=g) * b_std)
+    return model.eval()
+
+
+def adapter_bundle(out: Path, gguf_path: Path, **kw) -> Path:
+    """An adapter-only bundle over `gguf_path` (used by test_bundle too)."""
+    ad = AdapterExport(peft_lora(gguf_path), PROMPTS, training={"metrics": {"agreement": 0.5}}, dtype="f32")
+    return export_bundle(gguf_path, None, out, adapter=ad, **kw)
+
+
+def logits_of(engine: Engine, text: str) -> np.ndarray:
+    return engine.load(engine.tokenize(text)).copy()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf: Path):
+    return peft_lora(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, model) -> Path:
+    return export_lora(model, tiny_gguf, tmp_path_factory.mktemp("lora") / "adapter.gguf", dtype="f32")[0]
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("S2T_EDGE_MODELS", str(tmp_path / "store" / "models"))
+    return tmp_path / "store"
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def test_gguf_layout(exported: Path, model) -> None:
+    """llama.cpp's conventions: adapter metadata, base arch, lora_a [r, in] and lora_b [out, r]."""
+    import gguf
+
+    r = gguf.GGUFReader(str(exported))
+
+    def val(key: str):
+        f = r.fields[key]
+        v = f.parts[f.data[0]]
+        return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else float(v[0])
+
+    assert val("general.type") == "adapter" and val("adapter.type") == "lora"
+    assert val("general.architecture") == "qwen2" and val("adapter.lora.alpha") == ALPHA
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in r.tensors}
+    assert len(shapes) == 2 * 2 * len(TARGETS)  # 2 layers x 7 modules x (a, b)
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (RANK, 64) and shapes["blk.0.attn_q.weight.lora_b"] == (64, RANK)
+    assert shapes["blk.1.attn_k.weight.lora_b"] == (32, RANK)  # 2 kv heads of 16
+    assert shapes["blk.1.ffn_down.weight.lora_a"] == (RANK, 128) and shapes["blk.1.ffn_up.weight.lora_b"] == (128, RANK)
+    sd = model.base_model.model.model.layers[1].mlp.down_proj
+    a = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight.lora_a")
+    np.testing.assert_array_equal(np.asarray(a.data), sd.lora_A["default"].weight.detach().numpy())
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_matches_peft(tmp_path: Path, tiny_gguf: Path, model, dtype: str) -> None:
+    path, _ = export_lora(model, tiny_gguf, tmp_path / "a.gguf", dtype=dtype)
+    check = check_adapter(tiny_gguf, path, model, PROMPTS, n_threads=1)
+    assert check["positions"] > 30 and check["file_type"] == 0
+    assert check["base_top1_agreement"] == 1.0 and check["base_correlation_mean"] > 0.99999
+    assert check["adapter_top1_changes"] > 0.2  # the adapter really changes the model...
+    assert check["delta_correlation"] > (0.9999 if dtype == "f32" else 0.999)  # ...the same way in both
+    assert check["top1_agreement"] >= 0.98 and check["correlation_mean"] > 0.9999
+    assert require_adapter_check(check) == EXACT_THRESHOLDS
+
+
+def test_adapter_changes_logits_and_switches(tiny_gguf: Path, exported: Path, model) -> None:
+    text = PROMPTS[1]
+    with (
+        Engine(tiny_gguf, n_ctx=128, n_threads=1) as base,
+        Engine(tiny_gguf, n_ctx=128, n_threads=1, lora=exported) as e,
+    ):
+        assert e.lora_on and e.lora_path == exported
+        b, adapted = logits_of(base, text), logits_of(e, text)
+        ids = torch.tensor([e.tokenize(text)])
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0, -1].numpy()
+        np.testing.assert_allclose(adapted, ref, atol=5e-3)  # the KV cache is F16
+        assert np.abs(adapted - b).max() > 0.1
+        e.use_lora(False)  # drops the KV cache: the same prompt decodes on the base model
+        assert not e.lora_on and e.n_past == 0
+        np.testing.assert_array_equal(logits_of(e, text), b)
+        e.use_lora(True)
+        np.testing.assert_array_equal(logits_of(e, text), adapted)
+
+
+def test_zero_adapter_equals_base(tmp_path: Path, tiny_gguf: Path) -> None:
+    zero = peft_lora(tiny_gguf, b_std=0)  # peft's own init: B = 0
+    path, lora = export_lora(zero, tiny_gguf, tmp_path / "zero.gguf", dtype="f32")
+    assert all(not b.any() for _, b in lora.pairs.values())
+    with Engine(tiny_gguf, n_ctx=128, n_threads=1) as base, Engine(tiny_gguf, n_ctx=128, n_threads=1, lora=path) as e:
+        for text in PROMPTS:
+            np.testing.assert_array_equal(logits_of(e, text), logits_of(base, text))
+
+
+def test_rslora_and_patterns_folded(tmp_path: Path, tiny_gguf: Path) -> None:
+    """peft scalings other than alpha/r (rsLoRA, per-module alpha) are folded into B."""
+    m = peft_lora(tiny_gguf, use_rslora=True, alpha_pattern={"down_proj": 2.0}, seed=3)
+    path, lora = export_lora(m, tiny_gguf, tmp_path / "rs.gguf", dtype="f32")
+    check = check_adapter(tiny_gguf, path, m, PROMPTS[:1], n_threads=1)
+    assert check["delta_correlation"] > 0.9999 and check["top1_agreement"] == 1.0
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+
+def test_export_refuses_unsupported(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, model) -> None:
+    lora = lora_from_peft(model)
+    with pytest.raises(S2TError, match="attn_k.weight maps 64 → 32, tiny-teacher.gguf has 96 → 48"):  # other shapes
+        write_lora_gguf(lora, tiny_teacher_gguf, tmp_path / "x.gguf")
+    with pytest.raises(S2TError, match="dtype must be"):
+        write_lora_gguf(lora, tiny_gguf, tmp_path / "x.gguf", dtype="q4")
+    sd = {"base_model.model.lm_head.lora_A.weight": torch.zeros(RANK, 64)}
+    with pytest.raises(S2TError, match="only .* are supported"):
+        lora_from_peft(state_dict=sd, rank=RANK, alpha=ALPHA)
+    sd = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(RANK, 64)}
+    with pytest.raises(S2TError, match="missing its lora_B"):
+        lora_from_peft(state_dict=sd, rank=RANK, alpha=ALPHA)
+    sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.full((64, RANK), float("nan"))
+    with pytest.raises(S2TError, match="NaN"):
+        lora_from_peft(state_dict=sd, rank=RANK, alpha=ALPHA)
+    with pytest.raises(S2TError, match="alpha > 0"):
+        lora_from_peft(state_dict=sd, rank=RANK, alpha=float("nan"))
+    with pytest.raises(S2TError, match="DoRA"):
+        lora_from_peft(state_dict=sd, config={"r": RANK, "lora_alpha": ALPHA, "use_dora": True})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_engine_refuses_bad_adapters(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, exported: Path) -> None:
+    with Engine(tiny_teacher_gguf, n_ctx=64, n_threads=1) as other:  # another shape: n_embd 96
+        with pytest.raises(S2TError, match="refused this LoRA adapter.*incorrect shape"):
+            other.load_lora(exported)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(exported.read_bytes()[: exported.stat().st_size - 100])
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    for bad in (truncated, junk, tiny_gguf):  # a model is not an adapter either
+        with pytest.raises(S2TError, match="refused this LoRA adapter"):
+            Engine(tiny_gguf, n_ctx=64, n_threads=1, lora=bad)
+    with pytest.raises(S2TError, match="no such LoRA adapter"):
+        Engine(tiny_gguf, n_ctx=64, n_threads=1, lora=tmp_path / "missing.gguf")
+    with Engine(tiny_gguf, n_ctx=64, n_threads=1) as plain:
+        with pytest.raises(S2TError, match="no LoRA adapter loaded"):
+            plain.use_lora(True)
+
+
+def test_engine_refuses_other_architecture(tmp_path: Path, tiny_gguf: Path, exported: Path) -> None:
+    import gguf
+
+    src = gguf.GGUFReader(str(exported))
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", ALPHA)
+    for t in src.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(S2TError, match="arch mismatch"):
+        Engine(tiny_gguf, n_ctx=64, n_threads=1, lora=tmp_path / "llama.gguf")
+
+
+def test_check_threshold_refusal() -> None:
+    low = {"positions": 10, "top1_agreement": 0.5, "correlation_mean": 0.999, "file_type": 0}
+    with pytest.raises(S2TError, match="top1_agreement 0.5000 < 0.98 over 10 positions"):
+        require_adapter_check(low)
+    nan = {**low, "top1_agreement": 1.0, "correlation_mean": float("nan")}
+    with pytest.raises(S2TError, match="correlation_mean nan"):
+        require_adapter_check(nan)
+
+
+# ---- bundle and runtime ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    return adapter_bundle(tmp_path_factory.mktemp("adapter-bundle") / "bundle", tiny_gguf)
+
+
+def test_adapter_bundle_manifest(bundle: Path, tiny_gguf: Path) -> None:
+    from s2t_edge.store import sha256_file
+
+    b = load_bundle(bundle)
+    a = b.adapter
+    assert b.manifest["format_version"] == 2 and not b.has_reranker and b.onnx_path is None
+    assert a["file"] == ADAPTER_NAME and a["sha256"] == sha256_file(bundle / ADAPTER_NAME)
+    assert a["rank"] == RANK and a["alpha"] == ALPHA and a["target_modules"] == sorted(TARGETS)
+    assert a["base_sha256"] == b.manifest["slm"]["sha256"] == sha256_file(tiny_gguf)
+    assert a["check"]["top1_agreement"] >= 0.98 and a["check"]["thresholds"] == EXACT_THRESHOLDS
+    assert a["training"] == {"metrics": {"agreement": 0.5}} and "peft" in b.manifest["packages"]
+    assert any("LoRA r=4" in line for line in b.describe())
+
+
+def test_export_refuses_failed_check_and_other_base(tmp_path: Path, tiny_gguf: Path, model) -> None:
+    ad = AdapterExport(model, PROMPTS[:1], dtype="f32", thresholds={"top1_agreement": 1.01})
+    with pytest.raises(S2TError, match="export check failed"):
+        export_bundle(tiny_gguf, None, tmp_path / "a", adapter=ad)
+    assert not (tmp_path / "a" / ADAPTER_NAME).exists() and not (tmp_path / "a" / "bundle.json").exists()
+    ad = AdapterExport(model, PROMPTS[:1], base_sha256="0" * 64)
+    with pytest.raises(S2TError, match="trained on another GGUF"):
+        export_bundle(tiny_gguf, None, tmp_path / "b", adapter=ad)
+    with pytest.raises(S2TError, match="quantize first"):
+        export_bundle(tiny_gguf, None, tmp_path / "c", adapter=ad, quantize="Q8_0")
+    with pytest.raises(S2TError, match="needs a reranker checkpoint, an adapter"):
+        export_bundle(tiny_gguf, None, tmp_path / "d")
+
+
+def test_runtime_decodes_s2t_local_with_adapter(bundle: Path, tiny_gguf: Path, model, cache: Path) -> None:
+    from s2t_edge.decode import decode
+
+    models = open_models(bundle=str(bundle), ctx=256, threads=1, progress=False)
+    try:
+        slm = models.slm
+        assert slm.lora_path == bundle / ADAPTER_NAME and not slm.hidden_enabled and slm.path == bundle / tiny_gguf.name
+        prompt = slm.tokenize(PROMPTS[1])
+        greedy = build_policy(models, "greedy")
+        assert not slm.lora_on
+        base_out = [t.id for t in decode(slm, prompt, max_tokens=12, **greedy.decode_args())]
+        policy = build_policy(models)  # default with a bundle: s2t-local, greedy over the adapted SLM
+        assert policy.name == "s2t-local" and slm.lora_on and not policy.needs_hidden
+        out = [t.id for t in decode(slm, prompt, max_tokens=12, **policy.decode_args())]
+        # each token is the adapted model's greedy choice per torch + peft (up to a near-tie: the
+        # KV cache is F16)
+        with torch.no_grad():
+            for i, tok in enumerate(out):
+                row = model(input_ids=torch.tensor([prompt + out[:i]])).logits[0, -1]
+                assert row[tok] >= row.max() - 1e-2
+        assert out != base_out
+        build_policy(models, "greedy")
+        assert not slm.lora_on
+    finally:
+        models.close()
+
+
+def test_copy_of_bundle_with_other_gguf_refused(tmp_path: Path, bundle: Path, tiny_teacher_gguf: Path) -> None:
+    root = tmp_path / "b"
+    shutil.copytree(bundle, root)
+    with pytest.raises(S2TError, match="was built for"):
+        open_models(str(tiny_teacher_gguf), bundle=str(root), ctx=64, threads=1, progress=False)
