@@ -1,0 +1,198 @@
+"""`s2t-edge label`: compact teacher labels at scale, for training an adapter on the SLM.
+
+Trajectories are the teacher's own greedy answers, decoded many problems at once (one llama.cpp
+batch per step); the teacher's log-probabilities are kept at every step. Each finished answer is
+then prefilled once through the SLM, which gives the SLM's top-K at every position, and the
+teacher's log-probability of each of those K ids is looked up. One small `.npz` per problem
+(no hidden states, ≈ 10 KB), written atomically, so a killed run resumes where it stopped and the
+labels can be committed.
+
+Why the teacher's trajectories: S2T (the teacher selecting among the SLM's top-K) and the teacher
+alone reach the same accuracy, the teacher's token lies in the SLM's top-8 at ≈ 98% of divergence
+points, and its trajectories batch without the SLM in lockstep (the cheapest of the three).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from s2t_edge.batch import decode_batch
+from s2t_edge.candidates import top_k
+from s2t_edge.collect import problem_prompt
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+from s2t_edge.eval.data import Problem, load_problems
+from s2t_edge.eval.grading import extract_answer, is_correct
+from s2t_edge.policy import greedy
+from s2t_edge.progress import Progress
+from s2t_edge.prompt import ChatTemplate
+from s2t_edge.shards import read_manifest, shard_name, shard_paths, write_manifest
+from s2t_edge.store import sha256_file
+from s2t_edge.teacher import check_same_vocab, log_softmax
+
+LABEL_SCHEMA = 1
+TEACHER_TOP = 64  # teacher log-probs kept per step; an SLM candidate outside them gets the 64th (an upper bound)
+
+# Per-problem arrays of a label file.
+LABEL_FIELDS = (
+    "prompt",  # int32 [P]        the chat prompt's token ids
+    "chosen",  # int32 [T]        the trajectory (teacher greedy; the end-of-turn token included)
+    "slm_ids",  # int32 [T, K]    SLM top-K at each position, best first (llama.cpp, the GGUF)
+    "slm_logprobs",  # float16 [T, K]   SLM full-vocabulary log-probs of those ids
+    "teacher_logprobs",  # float16 [T, K]   teacher full-vocabulary log-probs of the same ids
+    "teacher_top1",  # int32 [T]      the teacher's own top-1 (= chosen)
+)
+
+
+@dataclass
+class _Pending:
+    """A problem the teacher is decoding: its per-step top log-probs so far."""
+
+    problem: Problem
+    prompt: list[int]
+    steps: list[tuple[np.ndarray, np.ndarray]]  # (ids, log-probs) of the teacher's top TEACHER_TOP
+
+
+def data_sha256(path: Path) -> str:
+    return sha256_file(path)
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of every setting that changes a label."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def slm_labels(slm: Engine, prompt: list[int], traj: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The SLM's top-K ids and log-probs at every trajectory position, from one prefill."""
+    ids, lps = [], []
+    for _, logits in slm.score(prompt + traj[:-1], len(prompt) - 1):
+        top = top_k(logits, k)
+        ids.append(top)
+        lps.append(log_softmax(logits)[top])
+    return np.stack(ids).astype(np.int32), np.stack(lps)
+
+
+def lookup(teacher_top: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Teacher log-probs of `ids`; ids outside the kept top get the smallest kept value."""
+    t_ids, t_lps = teacher_top
+    where = {int(t): i for i, t in enumerate(t_ids)}
+    floor = float(t_lps[-1])
+    return np.array([t_lps[where[int(i)]] if int(i) in where else floor for i in ids], np.float32)
+
+
+def write_label(out_dir: Path, problem_id: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Atomically write one problem's label file."""
+    path = out_dir / shard_name(problem_id)
+    tmp = path.with_suffix(".tmp.npz")
+    meta = {"schema": LABEL_SCHEMA, "problem_id": problem_id, **meta}
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def read_label(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, arrays) of one label file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("schema") != LABEL_SCHEMA:
+                raise S2TError(f"{path}: label schema {meta.get('schema')}, this s2t-edge reads {LABEL_SCHEMA}")
+            return meta, {f: z[f] for f in LABEL_FIELDS}
+    except (OSError, ValueError, KeyError) as e:
+        raise S2TError(f"{path}: not a readable label file ({e})") from e
+
+
+def label(
+    slm_path: Path,
+    teacher_path: Path,
+    data: Path,
+    out_dir: Path,
+    *,
+    limit: int | None = None,
+    k: int = 8,
+    max_tokens: int = 400,
+    batch: int = 16,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Label the first `limit` problems of `data` into `out_dir` (resumable). Returns the manifest."""
+    problems, _ = load_problems(data, limit=limit)
+    settings = {
+        "slm_sha256": sha256_file(slm_path),
+        "teacher_sha256": sha256_file(teacher_path),
+        "data_sha256": data_sha256(data),
+        "k": k,
+        "max_tokens": max_tokens,
+        "teacher_top": TEACHER_TOP,
+        "trajectories": "teacher-greedy",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(out_dir)
+    if old and old.get("settings") != settings:
+        diff = [key for key in settings if old.get("settings", {}).get(key) != settings[key]]
+        raise S2TError(f"{out_dir} holds labels made with other settings ({', '.join(diff)}); use another --out")
+    write_manifest(out_dir, {"settings": settings, "data": data.name, "problems": len(shard_paths(out_dir))})
+    done = {p.name for p in shard_paths(out_dir)}
+    todo = [p for p in problems if shard_name(p.id) not in done]
+    slm = Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
+    teacher = Engine(
+        teacher_path, n_ctx=batch * (max_tokens + 1024), n_threads=threads, n_gpu_layers=gpu_layers, n_seq=batch
+    )
+    check_same_vocab(slm, teacher)
+    template = ChatTemplate(teacher)
+    pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
+    too_long = [q for q in pending if len(q.prompt) + max_tokens > teacher.n_ctx_seq]
+    if too_long:
+        raise S2TError(f"problem {too_long[0].problem.id}: prompt of {len(too_long[0].prompt)} tokens is too long")
+
+    def keep(i: int, logits: np.ndarray) -> None:
+        top = top_k(logits, TEACHER_TOP)
+        pending[i].steps.append((top, log_softmax(logits)[top]))
+
+    bar = Progress(len(todo), "label", progress)
+    n_done = n_correct = 0
+    try:
+        prompts = [q.prompt for q in pending]
+        for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
+            q = pending[i]
+            traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
+            if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
+                raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
+            ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
+            t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
+            pred = extract_answer(teacher.detokenize(out))
+            meta = {
+                "gold": q.problem.gold,
+                "pred": pred,
+                "correct": is_correct(pred, q.problem.gold),
+                "tokens": len(traj),
+                "finish_reason": stats.finish_reason,
+            }
+            arrays = {
+                "prompt": np.array(q.prompt, np.int32),
+                "chosen": np.array(traj, np.int32),
+                "slm_ids": ids,
+                "slm_logprobs": slm_lps.astype(np.float16),
+                "teacher_logprobs": t_lps.astype(np.float16),
+                "teacher_top1": np.array([s[0][0] for s in q.steps], np.int32),
+            }
+            write_label(out_dir, q.problem.id, arrays, meta)
+            q.steps = []
+            n_done += 1
+            n_correct += meta["correct"]
+            bar.update(note=f"teacher acc {n_correct / n_done:.2f}")
+    finally:
+        bar.close()
+        slm.close()
+        teacher.close()
+    n = len(shard_paths(out_dir))
+    manifest = {"settings": settings, "data": data.name, "problems": n}
+    write_manifest(out_dir, manifest)
+    return manifest

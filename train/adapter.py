@@ -1,0 +1,273 @@
+"""`s2t-edge train --adapter`: distill the teacher's selections into a LoRA adapter on the SLM itself.
+
+The SLM is loaded from the very GGUF the runtime runs (transformers dequantizes it: the weights
+llama.cpp computes with). At every position of a labelled trajectory the adapted model scores
+only the SLM's K candidates (K rows of the output embedding, not the 151,936-row head) and is
+trained listwise toward the teacher's distribution over them, divergence points weighted; a KL
+to the frozen SLM over (the K candidates + everything else), taken at sampled positions, keeps
+its general behaviour. Checkpoints are small and atomic; a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from s2t_edge.errors import S2TError
+from s2t_edge.label import read_label
+from s2t_edge.progress import Progress
+from s2t_edge.shards import shard_paths
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    lr: float = 1e-4
+    accumulate: int = 4  # trajectories per optimizer step
+    epochs: int = 1
+    divergent_weight: float = 3.0
+    kl_weight: float = 0.1  # KL(frozen SLM || adapted) over K candidates + the rest
+    kl_positions: int = 32  # positions per trajectory where the full-vocabulary term is taken
+    only_correct: bool = True  # train on trajectories whose answer is right
+    val_fraction: float = 0.05
+    seed: int = 0
+    max_problems: int | None = None
+    checkpoint_every: int = 50  # trajectories
+    targets: tuple[str, ...] = field(default=TARGETS)
+
+
+@dataclass
+class Trajectory:
+    problem_id: str
+    tokens: np.ndarray  # prompt + chosen[:-1]
+    first: int  # index of the first scored position (len(prompt) - 1)
+    ids: np.ndarray  # [T, K]
+    teacher: np.ndarray  # [T, K] teacher log-probs
+    base: np.ndarray  # [T, K] frozen SLM full-vocabulary log-probs
+    correct: bool
+
+
+def load_trajectories(label_dir: Path, k: int | None = None) -> list[Trajectory]:
+    """Every label file of `label_dir`, in problem-id order."""
+    paths = shard_paths(label_dir)
+    if not paths:
+        raise S2TError(f"{label_dir}: no label files; run `s2t-edge label` first")
+    out = []
+    for p in paths:
+        meta, a = read_label(p)
+        kk = k or a["slm_ids"].shape[1]
+        out.append(
+            Trajectory(
+                meta["problem_id"],
+                np.concatenate([a["prompt"], a["chosen"][:-1]]).astype(np.int64),
+                len(a["prompt"]) - 1,
+                a["slm_ids"][:, :kk].astype(np.int64),
+                a["teacher_logprobs"][:, :kk].astype(np.float32),
+                a["slm_logprobs"][:, :kk].astype(np.float32),
+                bool(meta["correct"]),
+            )
+        )
+    return out
+
+
+def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory], list[Trajectory]]:
+    """Seeded train / validation split by problem (validation keeps every trajectory)."""
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(trajs))
+    n_val = max(1, int(round(cfg.val_fraction * len(trajs))))
+    val = [trajs[i] for i in sorted(order[:n_val])]
+    train = [trajs[i] for i in sorted(order[n_val:]) if trajs[i].correct or not cfg.only_correct]
+    if cfg.max_problems is not None:
+        train = train[: cfg.max_problems]
+    return train, val
+
+
+def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
+    """The SLM from its GGUF, dequantized by transformers' GGUF loader."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+
+
+def add_lora(model, cfg: AdapterConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
+    )
+    return get_peft_model(model, lc)
+
+
+def candidate_logits(model, t: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states at the scored positions [T, H], candidate logits [T, K])."""
+    inner = model.get_base_model()
+    h = inner.model(input_ids=torch.from_numpy(t.tokens)[None]).last_hidden_state[0, t.first :]
+    w = inner.lm_head.weight
+    ids = torch.from_numpy(t.ids)
+    return h, torch.einsum("td,tkd->tk", h, w[ids])
+
+
+def losses(model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Listwise selection loss (+ top-1 CE) toward the teacher, and the KL to the frozen SLM."""
+    h, logits = candidate_logits(model, t)
+    logp = torch.log_softmax(logits, -1)
+    teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
+    target = teacher.argmax(-1)
+    div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
+    w = 1 + (cfg.divergent_weight - 1) * div
+    sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(logits, target, reduction="none")
+    sel = (w * sel).sum() / w.sum()
+    # KL(frozen || adapted) over K + 1 buckets (the candidates, everything else) at sampled positions
+    n = min(cfg.kl_positions, len(t.ids))
+    pos = torch.from_numpy(np.sort(rng.choice(len(t.ids), n, replace=False)))
+    lse = torch.logsumexp(h[pos] @ model.get_base_model().lm_head.weight.T, -1, keepdim=True)
+    ad = logits[pos] - lse
+    base = torch.from_numpy(t.base)[pos]
+    ad_rest = torch.log1p(-ad.exp().sum(-1).clamp(max=1 - 1e-6))
+    base_rest = torch.log1p(-base.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (base.exp() * (base - ad)).sum(-1) + base_rest.exp() * (base_rest - ad_rest)
+    return {"select": sel, "kl": kl.mean(), "loss": sel + cfg.kl_weight * kl.mean()}
+
+
+@torch.no_grad()
+def evaluate(model, trajs: list[Trajectory]) -> dict:
+    """Teacher-forced agreement with the teacher's choice among the K candidates."""
+    model.eval()
+    agree = total = div_hit = div_n = changed = same_n = 0
+    for t in trajs:
+        _, logits = candidate_logits(model, t)
+        pick = logits.argmax(-1).numpy()
+        target = t.teacher.argmax(-1)
+        agree += int((pick == target).sum())
+        total += len(target)
+        d = target != 0
+        div_hit += int((pick[d] == target[d]).sum())
+        div_n += int(d.sum())
+        changed += int((pick[~d] != 0).sum())
+        same_n += int((~d).sum())
+    model.train()
+    return {
+        "positions": total,
+        "agreement": agree / max(total, 1),
+        "base_agreement": 1 - div_n / max(total, 1),
+        "hit_at_divergence": div_hit / max(div_n, 1),
+        "changed_where_agreeing": changed / max(same_n, 1),
+    }
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def train_adapter(
+    label_dir: Path,
+    gguf: Path,
+    out_dir: Path,
+    cfg: AdapterConfig | None = None,
+    *,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a LoRA adapter; writes `out_dir/adapter.pt` (best on validation) and
+    `report.json`. Returns the report."""
+    from peft import set_peft_model_state_dict
+
+    cfg = cfg or AdapterConfig()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trajs = load_trajectories(label_dir)
+    train, val = split(trajs, cfg)
+    if not train:
+        raise S2TError(f"{label_dir}: no training trajectories (only_correct={cfg.only_correct})")
+    model = add_lora(load_slm(gguf), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    ckpt_path = out_dir / "checkpoint.pt"
+    state = {"done": 0, "history": [], "best": None, "seconds": 0.0}
+    cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck["config"] != cfg_dict or ck["gguf"] != gguf.name:
+            raise S2TError(f"{out_dir} holds a run with other settings; use another --out")
+        set_peft_model_state_dict(model, ck["lora"])
+        opt.load_state_dict(ck["optimizer"])
+        state = ck["state"]
+    total = cfg.epochs * len(train)
+    orders = [np.random.default_rng(cfg.seed + e).permutation(len(train)) for e in range(cfg.epochs)]
+    bar = Progress(total, "train", progress)
+    bar.done = state["done"]
+    running: float | None = None
+    model.train()
+    t_start = time.time() - state["seconds"]
+
+    def checkpoint() -> None:
+        state["seconds"] = time.time() - t_start
+        _save_atomic(
+            {"config": cfg_dict, "gguf": gguf.name, "lora": lora_state(model), "optimizer": opt.state_dict(),
+             "state": state},
+            ckpt_path,
+        )
+
+    def validate(tag: str) -> None:
+        m = evaluate(model, val)
+        m["trajectories_seen"] = state["done"]
+        state["history"].append({"tag": tag, **m})
+        if state["best"] is None or m["agreement"] > state["best"]["agreement"]:
+            state["best"] = {"tag": tag, **m}
+            _save_atomic({"config": cfg_dict, "lora": lora_state(model), "val": m}, out_dir / "adapter.pt")
+
+    if state["done"] == 0 and not state["history"]:
+        validate("base")
+    try:
+        while state["done"] < total:
+            epoch, i = divmod(state["done"], len(train))
+            t = train[orders[epoch][i]]
+            rng = np.random.default_rng([cfg.seed, state["done"]])
+            out = losses(model, t, cfg, rng)
+            (out["loss"] / cfg.accumulate).backward()
+            if (state["done"] + 1) % cfg.accumulate == 0 or state["done"] + 1 == total:
+                opt.step()
+                opt.zero_grad()
+            state["done"] += 1
+            loss = float(out["loss"])
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            bar.update(note=f"epoch {epoch + 1} loss {running:.3f} (kl {float(out['kl']):.3f})")
+            if state["done"] % len(train) == 0:
+                validate(f"epoch{state['done'] // len(train)}")
+            if state["done"] % cfg.checkpoint_every == 0 and state["done"] % cfg.accumulate == 0:
+                checkpoint()
+    finally:
+        bar.close()
+        if state["done"] % cfg.accumulate == 0:  # a partial accumulation is redone on resume
+            checkpoint()
+    report = {
+        "config": cfg_dict,
+        "gguf": gguf.name,
+        "labels": str(label_dir),
+        "problems": {"train": len(train), "val": len(val), "val_ids": [t.problem_id for t in val]},
+        "best": state["best"],
+        "history": state["history"],
+        "seconds": round(state["seconds"], 1),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
