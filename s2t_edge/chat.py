@@ -33,8 +33,8 @@ class ChatSession:
 
     def send(self, text: str) -> Iterator[Token]:
         """Stream the assistant's answer to `text`; a partial answer (Ctrl-C) is kept as said."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = self.engine.tokenize(self.template.render(self.messages), special=True)
+        prompt = self.engine.tokenize(self.template.render([*self.messages, {"role": "user", "content": text}]))
+        self.messages.append({"role": "user", "content": text})  # only a turn that tokenizes is kept
         self.last = DecodeStats()
         ids: list[int] = []
         if len(prompt) >= self.engine.n_ctx_seq:

@@ -46,8 +46,20 @@ def test_settings_written_and_reopened(tmp_path):
     rd = ResultsDir(tmp_path / "out", SETTINGS)
     assert json.loads((tmp_path / "out" / "settings.json").read_text()) == SETTINGS
     rd.append(_rec(0, True))
+    with pytest.raises(S2TError, match="in use by another run"):  # two runs never write into one folder
+        ResultsDir(tmp_path / "out", dict(SETTINGS))
+    rd.close()
     again = ResultsDir(tmp_path / "out", dict(SETTINGS))  # same settings: fine, resumes
     assert again.done_ids() == {"p0"}
+
+
+def test_results_without_settings_are_not_adopted(tmp_path):
+    rd = ResultsDir(tmp_path / "out", SETTINGS)
+    rd.append(_rec(0, True))
+    rd.close()
+    (tmp_path / "out" / "settings.json").unlink()
+    with pytest.raises(S2TError, match="holds results but no settings.json"):
+        ResultsDir(tmp_path / "out", SETTINGS)
 
 
 def test_settings_mismatch_refused(tmp_path):
@@ -83,6 +95,7 @@ def test_resume_with_truncated_last_line(tmp_path):
     assert results.read_bytes() == good  # cut back to the last complete line
     # a fresh open after the crash appends cleanly
     results.write_bytes(good + b'{"id": "p2"')
+    rd.close()
     rd2 = ResultsDir(tmp_path / "out", SETTINGS)
     rd2.append(_rec(2, True))
     lines = results.read_text().splitlines()

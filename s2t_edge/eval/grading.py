@@ -38,10 +38,13 @@ def _boxed_contents(text: str) -> list[str]:
     return found
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, complete: bool = True) -> str | None:
     """The model's final answer: the last `\\boxed{}`, else the number after the last
-    "the answer is" / "answer:" (in the same sentence), else the last number in the text;
-    None if there is none."""
+    "the answer is" / "answer:" (in the same sentence), else — only for a `complete` answer, one
+    that ended by itself — the last number in the text; None if there is none.
+
+    An answer cut off at max tokens is graded on an explicit final answer only: its last number
+    is whatever it was computing (or echoing from the question) when it was cut."""
     boxed = _boxed_contents(text)
     if boxed:
         return boxed[-1]
@@ -51,7 +54,7 @@ def extract_answer(text: str) -> str | None:
         m = _NUM.search(text, end, end + 60)
         if m and not _SENTENCE_END.search(text, end, m.start()):  # same sentence only
             return m.group(0)
-    numbers = _NUM.findall(text)
+    numbers = _NUM.findall(text) if complete else []
     return numbers[-1] if numbers else None
 
 

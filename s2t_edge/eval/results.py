@@ -3,6 +3,7 @@ summary.json; plus summary statistics and a printable table."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -128,6 +129,7 @@ def summarize(records: list[dict], policy: str | None = None) -> dict[str, Any]:
     tokens = sum(float(r.get("tokens") or 0) for r in recs)
     seconds = sum(float(r.get("seconds") or 0) for r in recs)
     triggers = sum(float(r.get("triggers") or 0) for r in recs)
+    truncated = sum(1 for r in recs if r.get("truncated"))
     flips = sum(float(r.get("flips") or 0) for r in recs)
     lo, hi = wilson(correct, n)
     if policy is None and recs:
@@ -145,6 +147,7 @@ def summarize(records: list[dict], policy: str | None = None) -> dict[str, Any]:
         "s_per_problem": seconds / n if n else None,
         "trigger_rate": triggers / tokens if tokens else None,
         "flip_rate": flips / tokens if tokens else None,
+        "truncated": truncated,
     }
 
 
@@ -157,19 +160,35 @@ class ResultsDir:
         if self.path.exists() and not self.path.is_dir():
             raise S2TError(f"--out {self.path} is a file, not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.path)
         sfile = self.path / SETTINGS_FILE
+        self.results_file = self.path / RESULTS_FILE
+        if not sfile.exists() and self.results_file.exists() and self.results_file.stat().st_size:
+            self.close()
+            raise S2TError(
+                f"{self.path} holds results but no {SETTINGS_FILE}: cannot tell their settings; use another --out"
+            )
         if sfile.exists():
             try:
                 old = json.loads(sfile.read_text(encoding="utf-8"))
-            except ValueError:
-                raise S2TError(f"{sfile} is not valid JSON; use another --out") from None
-            diffs = RunSettings(old).diff(self.settings)
+            except (ValueError, OSError):
+                self.close()
+                raise S2TError(f"{sfile} is not readable JSON; use another --out") from None
+            diffs = (
+                RunSettings(old).diff(self.settings) if isinstance(old, dict) else ["settings.json is not an object"]
+            )
             if diffs:
+                self.close()
                 raise S2TError(f"out dir holds results from different settings: {', '.join(diffs)}; use another --out")
         else:
             _write_json(sfile, self.settings.to_dict())
-        self.results_file = self.path / RESULTS_FILE
         read_records(self.results_file, repair=True)  # so appends start on a fresh line
+
+    def close(self) -> None:
+        """Release the folder's lock (also released when the process ends, even by kill -9)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def records(self) -> list[dict]:
         """All complete records written so far."""
@@ -192,6 +211,19 @@ class ResultsDir:
         s = summarize(self.records(), policy=self.settings.get("policy"))
         _write_json(self.path / SUMMARY_FILE, s)
         return s
+
+
+def _lock(folder: Path):
+    """An exclusive lock on a results folder, so two runs never write into one."""
+    f = (folder / ".lock").open("a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise S2TError(
+            f"{folder} is in use by another run (its .lock is held); wait for it or use another --out"
+        ) from None
+    return f
 
 
 def _write_json(path: Path, obj: Any) -> None:

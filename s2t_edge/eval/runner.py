@@ -21,6 +21,7 @@ from s2t_edge.policy import Policy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.runtime import POLICIES, Models, build_policy
+from s2t_edge.store import sha256_file
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def _solve(
     if spec.maj_n:
         prompt = problem_prompt(models.slm, template, problem.question)
         samples = sample_parallel(models.slm, prompt, spec.maj_n, max_tokens=max_tokens, seed=seed + problem.index)
-        return _maj_record(models.slm, samples, time.perf_counter() - t0)
+        return _maj_record(models.slm, samples, time.perf_counter() - t0, max_tokens)
     engine = _engine_for(models, spec)
     prompt = problem_prompt(engine, template, problem.question)
     stats = DecodeStats()
@@ -82,9 +83,10 @@ def _engine_for(models: Models, spec: EvalSpec) -> Engine:
     return models.teacher if spec.name == "teacher" else models.slm
 
 
-def _maj_record(engine: Engine, samples: list[list[int]], seconds: float) -> dict:
+def _maj_record(engine: Engine, samples: list[list[int]], seconds: float, max_tokens: int) -> dict:
     texts = [engine.detokenize(x) for x in samples]
-    answers = [extract_answer(t) for t in texts]
+    cut = [len(x) >= max_tokens for x in samples]  # no end-of-turn within max tokens
+    answers = [extract_answer(t, complete=not c) for t, c in zip(texts, cut)]
     pred, votes = majority_vote(answers)
     return {
         "output": texts[0],
@@ -95,6 +97,7 @@ def _maj_record(engine: Engine, samples: list[list[int]], seconds: float) -> dic
         "seconds": seconds,
         "triggers": 0,
         "flips": 0,
+        "truncated": sum(cut),
     }
 
 
@@ -102,12 +105,13 @@ def _decoded_record(engine: Engine, ids: list[int], stats: DecodeStats, seconds:
     text = engine.detokenize(ids)
     return {
         "output": text,
-        "pred": extract_answer(text),
+        "pred": extract_answer(text, complete=stats.finish_reason == "stop"),
         "tokens": len(ids),
         "seconds": seconds,
         "triggers": stats.triggers,
         "flips": stats.flips,
         "finish_reason": stats.finish_reason,
+        "truncated": int(stats.finish_reason != "stop"),
     }
 
 
@@ -128,10 +132,30 @@ def _solve_batched(
     if spec.maj_n:  # groups of N sequences, one group per problem, same seeds as one at a time
         seeds = [seed + p.index for p in problems]
         for i, samples, seconds in sample_batch(engine, prompts, spec.maj_n, max_tokens=max_tokens, seeds=seeds):
-            yield problems[i], _maj_record(engine, samples, seconds)
+            yield problems[i], _maj_record(engine, samples, seconds, max_tokens)
         return
     for i, ids, stats in decode_batch(engine, prompts, policy, max_tokens=max_tokens):
         yield problems[i], _decoded_record(engine, ids, stats, stats.model_s + stats.ours_s)
+
+
+def fitting(
+    engine: Engine, template: ChatTemplate, problems: list[Problem], skip_bad: bool
+) -> tuple[list[Problem], int]:
+    """The problems whose prompt leaves room for an answer in one sequence's context, checked before
+    anything decodes; (those, how many were skipped). Without `skip_bad` the first misfit is an error."""
+    ok = []
+    for p in problems:
+        n = len(problem_prompt(engine, template, p.question))
+        if n < engine.n_ctx_seq:
+            ok.append(p)
+        elif not skip_bad:
+            raise S2TError(
+                f"problem {p.id}: its prompt is {n} tokens and the context holds {engine.n_ctx_seq}; "
+                "raise --ctx or use --skip-bad to skip it"
+            )
+    if len(ok) < len(problems):
+        print(f"skipped {len(problems) - len(ok)} problem(s) longer than the context")
+    return ok, len(problems) - len(ok)
 
 
 def batchable(spec: EvalSpec, trigger: str = "always") -> bool:
@@ -167,12 +191,14 @@ def run_eval(
     if n_bad:
         print(f"skipped {n_bad} bad line(s) in {data}")
     template = ChatTemplate(models.slm)
+    data_sha = sha256_file(data)
     summaries = []
     for spec in specs:
         if spec.needs_teacher and models.teacher is None:
             raise S2TError(f"policy {spec.name} needs --teacher MODEL")
         engine = _engine_for(models, spec)
         batched = batch > 1 and batchable(spec, trigger)
+        teacher_run = spec.name in ("s2t", "takeover")
         settings = {
             "policy": spec.name,
             "model": engine.path.name,
@@ -180,16 +206,18 @@ def run_eval(
             "k": k,
             "max_tokens": max_tokens,
             "data": Path(data).name,
+            "data_sha256": data_sha,
+            "fields": [question_field, answer_field],
             "seed": seed,
-            "bundle": models.bundle.manifest["onnx_sha256"][:16]
-            if spec.name == "s2t-local" and models.bundle
-            else None,
-            "teacher": models.teacher.path.name if spec.name in ("s2t", "takeover") and models.teacher else None,
-            "trigger": trigger if spec.name in ("s2t", "takeover") else None,
-            "threshold": threshold if spec.name in ("s2t", "takeover") else None,
+            "bundle": models.bundle.digest[:16] if spec.name == "s2t-local" and models.bundle else None,
+            "teacher": models.teacher.path.name if teacher_run and models.teacher else None,
+            "trigger": trigger if teacher_run else None,
+            "threshold": threshold if teacher_run else None,
         }
         if batched:  # batched kernels reorder float sums: not mixed with unbatched results
             settings["batch"] = batch
+        if spec.maj_n:  # maj@N samples the base model: the adapter belongs to s2t-local only
+            models.slm.use_lora(False)
         results = ResultsDir(out / spec.name.replace("@", "_at_"), settings)
         policy = (
             None
@@ -198,11 +226,12 @@ def run_eval(
                 models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold
             )
         )
+        runnable, too_long = fitting(engine, template, problems, skip_bad)
         done = results.done_ids()
-        todo = [p for p in problems if p.id not in done]
+        todo = [p for p in runnable if p.id not in done]
         correct = sum(r["correct"] for r in results.records())
-        bar = Progress(len(problems), spec.name, progress)
-        bar.done = len(problems) - len(todo)
+        bar = Progress(len(runnable), spec.name, progress)
+        bar.done = len(runnable) - len(todo)
         if batched:
             solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens, seed=seed)
         else:
@@ -221,5 +250,7 @@ def run_eval(
                 bar.update(note=f"acc {correct / (bar.done + 1):.3f}")
         finally:
             bar.close()
-        summaries.append({**results.summary(), "settings": settings})  # settings: cost× only within one --batch
+        summary = {**results.summary(), "skipped": n_bad + too_long, "settings": settings}
+        summaries.append(summary)  # settings: cost× only within one --batch
+        results.close()
     return summaries
