@@ -102,7 +102,10 @@ class Engine:
         mparams.use_extra_bufts = bool(os.environ.get("S2T_EDGE_EXTRA_BUFTS"))
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
-            raise S2TError(f"{self.path}: llama.cpp could not load this GGUF (corrupt or truncated?)")
+            raise S2TError(
+                f"{self.path}: llama.cpp could not load this GGUF (corrupt or truncated?); "
+                f"check it with `s2t-edge models verify {self.path}`"
+            )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)

@@ -54,20 +54,25 @@ def open_models(
     n_seq: int = 1,
     teacher_seq: int = 1,
     progress: bool = True,
+    pull: bool | None = None,
 ) -> Models:
     """Load the SLM, its bundle and an optional teacher.
 
     `bundle`: None → the shipped default; "none" → no reranker; a path → that bundle (a bundle
     that carries its own GGUF runs on it unless `model` is given). The bundle is verified
     against the GGUF before anything is decoded. `n_seq` / `teacher_seq` sequences share each
-    model's context (one unified KV cache of `ctx` cells).
+    model's context (one unified KV cache of `ctx` cells). `pull`: see `store.resolve_model`.
     """
     if bundle is None or bundle == "none":
-        slm_path = resolve_model(model, progress=progress)
+        slm_path = resolve_model(model, progress=progress, pull=pull)
         chosen = default_bundle_for(slm_path, model is not None) if bundle is None else None
     else:
         chosen = load_bundle(bundle)
-        slm_path = chosen.gguf_path if model is None and chosen.gguf_path else resolve_model(model, progress=progress)
+        slm_path = (
+            chosen.gguf_path
+            if model is None and chosen.gguf_path
+            else resolve_model(model, progress=progress, pull=pull)
+        )
 
     slm = Engine(
         slm_path,
@@ -85,7 +90,7 @@ def open_models(
     t = None
     if teacher:
         t = Engine(
-            resolve_model(teacher, role="teacher", progress=progress),
+            resolve_model(teacher, role="teacher", progress=progress, pull=pull),
             n_ctx=ctx,
             n_threads=threads,
             n_gpu_layers=gpu_layers,

@@ -451,14 +451,16 @@ def _looks_like_path(s: str) -> bool:
 def resolve_model(
     name_or_path: str | None,
     role: str = "slm",
-    pull: bool = True,
+    pull: bool | None = None,
     progress: bool = True,
     *,
     registry: dict[str, ModelEntry] | None = None,
 ) -> Path:
     """A usable GGUF path for a registry name, a file path, or None (the default for `role`).
 
-    A registry model that is missing is pulled first when `pull` is true.
+    A registry model that is missing is pulled when `pull` is true; when it is None the user is
+    asked on a terminal, and anywhere else (or when `pull` is false) it is refused with the command
+    that pulls it: a download of up to a gigabyte never starts unasked.
     """
     reg = _reg(registry)
     name = default_model(role, reg) if name_or_path is None else name_or_path
@@ -467,13 +469,27 @@ def resolve_model(
         path = store_dir() / entry.file
         if _is_present(path, entry):
             return path
+        if pull is None:
+            pull = _confirm_pull(entry)
         if not pull:
             state = "is incomplete" if path.exists() else "is not pulled"
-            raise S2TError(f"model {name} {state}; run `s2t-edge models pull {name}`")
+            raise S2TError(f"model {name} {state}; run `s2t-edge models pull {name}` (or add --pull)")
         return _pull(name, progress, registry=reg)
     if _looks_like_path(name):
         return check_gguf_file(Path(name).expanduser())
     raise _unknown(name, reg)
+
+
+def _confirm_pull(entry: ModelEntry) -> bool:
+    """Ask on a terminal whether to pull a missing model; False when nobody can answer."""
+    if not (sys.stdin and sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    sys.stderr.write(f"model {entry.name} ({_mb(entry.size)} MB) is not pulled. Pull it now? [y/N] ")
+    sys.stderr.flush()
+    try:
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def verify(

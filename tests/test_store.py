@@ -178,7 +178,10 @@ def test_inconsistent_partial_restarts_cleanly(fake, models_dir, damage):
 
 def test_resolve_model(fake, models_dir, tmp_path):
     reg = fake.registry()
-    path = store.resolve_model(None, registry=reg, progress=False)  # default slm, pulled
+    with pytest.raises(S2TError, match=r"not pulled; run `s2t-edge models pull tiny` \(or add --pull\)"):
+        store.resolve_model(None, registry=reg, progress=False)  # never pulled unasked (no terminal here)
+    assert fake.calls == []
+    path = store.resolve_model(None, registry=reg, progress=False, pull=True)  # default slm, pulled
     assert path == models_dir / "tiny.gguf" and path.read_bytes() == fake.blob
     assert store.resolve_model("tiny", pull=False, registry=reg) == path
     assert store.resolve_model(str(path), registry=reg) == path  # a path works too

@@ -56,12 +56,13 @@ from s2t_edge.errors import S2TError
 @click.option(
     "--ctx",
     "n_ctx",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Context per sequence (the cache holds one per sequence). Default: 4096, or max tokens + 1024 with --batch.",
 )
 @cli_options.threads
 @cli_options.gpu_layers
+@cli_options.pull
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 @click.pass_context
 def eval_group(
@@ -85,6 +86,7 @@ def eval_group(
     n_ctx,
     threads,
     gpu_layers,
+    pull,
     as_json,
 ):
     """Evaluate decoding policies on a problem set (resumable, one JSONL record per problem)."""
@@ -125,6 +127,7 @@ def eval_group(
         gpu_layers=gpu_layers,
         n_seq=max(maj_n, batch_slm),
         teacher_seq=batch_teacher,
+        pull=pull or None,
     )
     try:
         rows = run_eval(

@@ -18,3 +18,6 @@ gpu_layers = click.option(
     help="Layers to offload to the GPU (Metal on macOS).",
 )
 skip_bad = click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines (counted) instead of failing.")
+pull = click.option(
+    "--pull", is_flag=True, help="Pull a missing registry model without asking (it is never pulled unasked)."
+)

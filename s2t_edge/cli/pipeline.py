@@ -41,19 +41,24 @@ def _need_training_extra():
     help="SLM greedy trajectories, or on-policy S2T (teacher selects at every step).",
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True)
-@click.option("--ctx", type=int, default=4096, show_default=True)
+@click.option("--ctx", type=click.IntRange(min=1), default=4096, show_default=True)
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.skip_bad
-def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, gpu_layers, skip_bad):
+@cli_options.pull
+def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, gpu_layers, skip_bad, pull):
     """Label SLM top-K candidate groups with a teacher's scores."""
     from s2t_edge.collect import collect as run
     from s2t_edge.store import resolve_model
 
     # a directory is a Hugging Face teacher (run by transformers), passed through unchanged
-    teacher_path = Path(teacher) if teacher and Path(teacher).is_dir() else resolve_model(teacher, role="teacher")
+    teacher_path = (
+        Path(teacher)
+        if teacher and Path(teacher).is_dir()
+        else resolve_model(teacher, role="teacher", pull=pull or None)
+    )
     m = run(
-        resolve_model(slm),
+        resolve_model(slm, pull=pull or None),
         teacher_path,
         data,
         out,
@@ -83,14 +88,15 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
 @click.option("--batch", type=click.IntRange(1, 64), default=16, show_default=True, help="Problems decoded at once.")
 @cli_options.threads
 @cli_options.gpu_layers
-def label(slm, teacher, data, out, limit, k, max_tokens, batch, threads, gpu_layers):
+@cli_options.pull
+def label(slm, teacher, data, out, limit, k, max_tokens, batch, threads, gpu_layers, pull):
     """Compact teacher labels over the SLM's top-K on the teacher's own trajectories (for `train --adapter`)."""
     from s2t_edge.label import label as run
     from s2t_edge.store import resolve_model
 
     m = run(
-        resolve_model(slm),
-        resolve_model(teacher, role="teacher"),
+        resolve_model(slm, pull=pull or None),
+        resolve_model(teacher, role="teacher", pull=pull or None),
         data,
         out,
         limit=limit,

@@ -30,10 +30,11 @@ _ENGINE_OPTIONS = {
         "--model",
         metavar="NAME|PATH",
         default=None,
-        help="Registry model name or GGUF file (default: the default SLM, pulled on first use).",
+        help="Registry model name or GGUF file (default: the default SLM; `models pull` or --pull fetches it).",
     ),
     "threads": cli_options.threads,
     "gpu_layers": cli_options.gpu_layers,
+    "pull": cli_options.pull,
     "ctx": click.option(
         "--ctx",
         type=click.IntRange(min=0),
@@ -105,6 +106,7 @@ class RunOptions:
     model: str | None
     threads: int | None
     gpu_layers: int
+    pull: bool
     ctx: int
     bundle: str | None
     teacher: str | None
@@ -125,6 +127,7 @@ class RunOptions:
             ctx=self.ctx,
             threads=self.threads,
             gpu_layers=self.gpu_layers,
+            pull=self.pull or None,
         )
         return models, build_policy(models, **self.policy_opts)
 

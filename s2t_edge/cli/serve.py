@@ -61,6 +61,7 @@ from s2t_edge.cli import options as cli_options
 )
 @cli_options.threads
 @cli_options.gpu_layers
+@cli_options.pull
 def serve(
     host: str,
     port: int,
@@ -74,6 +75,7 @@ def serve(
     grace: float,
     threads: int | None,
     gpu_layers: int,
+    pull: bool,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a web chat at /.
 
@@ -95,5 +97,6 @@ def serve(
         threads=threads,
         gpu_layers=gpu_layers,
         grace=grace,
+        pull=pull or None,
     )
     run(cfg, ready=click.echo)

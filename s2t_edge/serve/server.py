@@ -37,6 +37,7 @@ class ServeConfig:
     threads: int | None = None
     gpu_layers: int = 0
     grace: float = 10.0
+    pull: bool | None = None  # a missing registry model: pull (True), refuse (False), ask on a terminal (None)
 
 
 def is_loopback(host: str) -> bool:
@@ -93,6 +94,7 @@ def run(cfg: ServeConfig, ready: Callable[[str], None] = print) -> None:
         threads=cfg.threads,
         gpu_layers=cfg.gpu_layers,
         n_seq=cfg.parallel,
+        pull=cfg.pull,
     )
     worker = None
     try:
