@@ -20,6 +20,7 @@ from s2t_edge.errors import S2TError
 from s2t_edge.store import check_gguf_file
 
 _backend_ready = False
+MAX_THREADS = 512  # GGML_MAX_N_THREADS: more crashes llama.cpp's thread pool (a segfault, not an error)
 
 
 class ContextOverflow(S2TError):
@@ -93,6 +94,9 @@ class Engine:
         lora: str | Path | None = None,
         lora_scale: float = 1.0,
     ) -> None:
+        threads = n_threads or default_threads()
+        if not 1 <= threads <= MAX_THREADS:
+            raise S2TError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
         _init_backend()
         self.path = check_gguf_file(model_path)
         mparams = llama_cpp.llama_model_default_params()
@@ -110,7 +114,6 @@ class Engine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
-        threads = n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         unified = n_seq > 1 if unified is None else unified
         # n_ctx is the total over all sequences; no sequence may outgrow the trained context
@@ -226,17 +229,18 @@ class Engine:
             n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, -n, False, special)
         return list(buf[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        """The raw bytes of one token (may be part of a UTF-8 character)."""
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token (may be part of a UTF-8 character); `special` spells control
+        tokens such as <|im_end|> (otherwise they are empty)."""
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
         """End of generation: EOS, EOT or any other end-of-turn token of the vocabulary."""
@@ -303,6 +307,11 @@ class Engine:
             b.seq_id[i][0] = seq if isinstance(seq, int) else seq[i]
             b.logits[i] = outputs[i]
         rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc == 1:  # no room in the KV cache for this batch (its cells are shared by all sequences)
+            raise ContextOverflow(
+                f"context overflow: the cache of {self.n_ctx} tokens shared by {self.n_seq} sequence(s) is full; "
+                "raise --ctx"
+            )
         if rc != 0:
             raise S2TError(f"llama_decode failed (code {rc}); is the context full?")
 

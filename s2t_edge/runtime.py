@@ -3,6 +3,7 @@ policy that combines them. `generate`, `chat` and `eval` all go through here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def open_models(
     gpu_layers: int = 0,
     n_seq: int = 1,
     teacher_seq: int = 1,
+    unified: bool | None = None,
     progress: bool = True,
     pull: bool | None = None,
 ) -> Models:
@@ -61,7 +63,8 @@ def open_models(
     `bundle`: None → the shipped default; "none" → no reranker; a path → that bundle (a bundle
     that carries its own GGUF runs on it unless `model` is given). The bundle is verified
     against the GGUF before anything is decoded. `n_seq` / `teacher_seq` sequences share each
-    model's context (one unified KV cache of `ctx` cells). `pull`: see `store.resolve_model`.
+    model's context (`ctx` cells: one unified KV cache, or with `unified=False` a cache of
+    `ctx / n_seq` cells per sequence; see `Engine`). `pull`: see `store.resolve_model`.
     """
     if bundle is None or bundle == "none":
         slm_path = resolve_model(model, progress=progress, pull=pull)
@@ -81,6 +84,7 @@ def open_models(
         n_gpu_layers=gpu_layers,
         hidden=chosen is not None and chosen.has_reranker,
         n_seq=n_seq,
+        unified=unified,
     )
     if chosen is not None:
         chosen.check_slm(slm_path, slm.n_vocab)  # before the adapter is loaded or anything decodes
@@ -95,6 +99,7 @@ def open_models(
             n_threads=threads,
             n_gpu_layers=gpu_layers,
             n_seq=teacher_seq,
+            unified=unified,
         )
         check_same_vocab(slm, t)
     return Models(slm, chosen, t)
@@ -118,10 +123,13 @@ def build_policy(
     decoding without a built policy (maj@N) should call `models.slm.use_lora(False)` itself."""
     if policy is None:
         policy = "s2t-local" if models.bundle else "greedy"
+    if not math.isfinite(temperature) or temperature < 0:  # NaN would pass as "not > 0": greedy, silently
+        raise S2TError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
+        # KL and entropy are >= 0: NaN would never fire, a negative value fire at every step
+        raise S2TError(f"--threshold must be a finite number >= 0, got {threshold}")
     if models.slm.lora_path is not None:  # the bundle's adapter is part of s2t-local only
         models.slm.use_lora(policy == "s2t-local" and temperature == 0)
-    if temperature < 0:
-        raise S2TError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature > 0:  # plain sampling over the top-k; selection policies are greedy by nature
         return sampling(temperature, top_k=k, seed=seed)
     if policy == "greedy":

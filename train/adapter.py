@@ -223,8 +223,13 @@ def train_adapter(
     def checkpoint() -> None:
         state["seconds"] = time.time() - t_start
         _save_atomic(
-            {"config": cfg_dict, "gguf": gguf.name, "lora": lora_state(model), "optimizer": opt.state_dict(),
-             "state": state},
+            {
+                "config": cfg_dict,
+                "gguf": gguf.name,
+                "lora": lora_state(model),
+                "optimizer": opt.state_dict(),
+                "state": state,
+            },
             ckpt_path,
         )
 
@@ -263,6 +268,7 @@ def train_adapter(
     report = {
         "config": cfg_dict,
         "gguf": gguf.name,
+        "k": int(trajs[0].ids.shape[1]),
         "labels": str(label_dir),
         "problems": {"train": len(train), "val": len(val), "val_ids": [t.problem_id for t in val]},
         "best": state["best"],
@@ -271,3 +277,51 @@ def train_adapter(
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def load_adapter(run_dir: Path, gguf: Path):
+    """(PeftModel with the best adapter of a `train_adapter` run, its report)."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(run_dir) / "adapter.pt"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        report = json.loads((Path(run_dir) / "report.json").read_text())
+        c = ck["config"]
+        cfg = AdapterConfig(**{**c, "targets": tuple(c["targets"])})
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise S2TError(f"{run_dir}: not a finished `s2t-edge train --labels` run ({e})") from e
+    model = add_lora(load_slm(gguf), cfg)
+    set_peft_model_state_dict(model, ck["lora"])
+    model.eval()
+    return model, report
+
+
+def adapter_export(run_dir: Path, gguf: Path, *, threads: int | None = None, n_prompts: int = 8):
+    """What `export_bundle` needs for a trained adapter: the model, held-out prompts (validation
+    problems' prompts + the teacher's answers, never dev) and the training record."""
+    from s2t_edge.export.bundle_writer import AdapterExport
+
+    from s2t_edge.engine import Engine
+    from s2t_edge.shards import read_manifest, shard_name
+    from s2t_edge.store import sha256_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, report = load_adapter(run_dir, gguf)
+    label_dir = Path(report["labels"])
+    prompts = []
+    with Engine(gguf, n_ctx=256, n_threads=threads) as eng:
+        for pid in report["problems"]["val_ids"][:n_prompts]:
+            _, a = read_label(label_dir / shard_name(pid))
+            prompts.append(eng.detokenize([*a["prompt"].tolist(), *a["chosen"].tolist()], special=True))
+    manifest = read_manifest(label_dir) or {}
+    training = {
+        "labels": {"dir": label_dir.name, **manifest},
+        "config": report["config"],
+        "problems": {k: v for k, v in report["problems"].items() if k != "val_ids"},
+        "metrics": report["best"],
+        "seconds": report["seconds"],
+    }
+    k = int(report.get("k", 8))
+    return AdapterExport(model, prompts, k=k, training=training, base_sha256=sha256_file(gguf))

@@ -41,9 +41,10 @@ def main() -> None:
 def _register() -> None:
     from s2t_edge.cli.eval import eval_group
     from s2t_edge.cli.models import models
-    from s2t_edge.cli.pipeline import analyze, bundle, collect, export, label, train
+    from s2t_edge.cli.pipeline import analyze, bundle, collect, label
     from s2t_edge.cli.run import chat, generate
     from s2t_edge.cli.serve import serve
+    from s2t_edge.cli.train import export, train
 
     for command in (models, generate, chat, serve, collect, label, analyze, train, export, bundle, eval_group):
         main.add_command(command)

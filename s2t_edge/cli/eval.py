@@ -40,7 +40,7 @@ from s2t_edge.errors import S2TError
 @click.option("--threshold", type=float, default=None, help="Trigger threshold for kl / entropy.")
 @click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
 @cli_options.skip_bad
@@ -108,9 +108,9 @@ def eval_group(
     batch_teacher = batch if any(batchable(s, trigger) and s.needs_teacher for s in specs) else 1
     if n_ctx is None:
         n_ctx = 4096 if max(batch_slm, batch_teacher) == 1 else min(4096, max_tokens + 1024)
-    # One unified KV cache per model holds every sequence (as llama-server does): with a cache per
-    # sequence, llama.cpp splits a step into several ubatches as soon as the active sequences are
-    # not consecutive, which is most of the time once problems finish at different lengths.
+    # A KV cache per sequence for the continuous batch: with one unified cache every token attends
+    # over every sequence's cells, 5x slower per step at 16 x 400 tokens (benchmarks/kv_layout.py);
+    # maj@N keeps one unified cache, where its N samples share their prompt's cells.
     n_ctx *= max(batch_slm, batch_teacher)
     if maj_n > 1:  # a problem's N samples share the cache: it must hold at least its prompt + N answers
         n_ctx = max(n_ctx, 1024 + maj_n * max_tokens)
@@ -127,6 +127,7 @@ def eval_group(
         gpu_layers=gpu_layers,
         n_seq=max(maj_n, batch_slm),
         teacher_seq=batch_teacher,
+        unified=maj_n > 1,
         pull=pull or None,
     )
     try:

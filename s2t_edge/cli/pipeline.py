@@ -1,4 +1,4 @@
-"""CLI for the S2T pipeline: collect → analyze → train → export → bundle inspect."""
+"""CLI for the S2T pipeline's data side: collect, label, analyze coverage, bundle inspect."""
 
 from __future__ import annotations
 
@@ -8,17 +8,6 @@ from pathlib import Path
 import click
 
 from s2t_edge.cli import options as cli_options
-from s2t_edge.errors import S2TError
-
-
-def _need_training_extra():
-    try:
-        import onnx  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise S2TError(
-            "this command needs the training extra: pip install torch==2.13.0 && pip install 's2t-edge[train]'"
-        ) from e
 
 
 @click.command()
@@ -128,81 +117,6 @@ def coverage(groups, as_json, plot):
     if plot:
         plot_coverage(r, plot)
         click.echo(f"plot → {plot}", err=True)
-
-
-@click.command()
-@click.option("--groups", required=True, type=click.Path(path_type=Path), help="Groups from `s2t-edge collect`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
-@click.option("--slm", default=None, help="The SLM the groups came from (for its output embedding).")
-@click.option("--k", type=click.IntRange(2, 32), default=8, show_default=True)
-@click.option("--epochs", type=int, default=6, show_default=True)
-@click.option("--rank", type=int, default=32, show_default=True)
-@click.option("--width", type=int, default=64, show_default=True)
-@click.option("--no-hidden", is_flag=True, help="Ablation: no hidden-state features.")
-@click.option("--no-tokens", is_flag=True, help="Ablation: no candidate token identity.")
-@click.option("--token-prior", is_flag=True, help="Also score each candidate's identity on its own (context-free).")
-@click.option(
-    "--divergent-weight", type=float, default=1.0, show_default=True, help="Selection-loss weight of divergence points."
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def train(groups, out, slm, k, epochs, rank, width, no_hidden, no_tokens, token_prior, divergent_weight, seed, as_json):
-    """Distill the teacher's selection into the tiny reranker."""
-    _need_training_extra()
-    from s2t_edge.store import resolve_model
-    from s2t_edge.train.train import TrainConfig
-    from s2t_edge.train.train import train as run
-
-    cfg = TrainConfig(
-        k=k,
-        epochs=epochs,
-        rank=rank,
-        width=width,
-        use_hidden=not no_hidden,
-        use_tokens=not no_tokens,
-        token_prior=token_prior,
-        divergent_weight=divergent_weight,
-        seed=seed,
-    )
-    r = run(groups, out, resolve_model(slm), cfg)
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
-        return
-    t = r["test"]
-    click.echo(
-        f"held-out ({r['problems']['test']} problems, {t['positions']} positions): "
-        f"agreement {t['agreement']:.4f} vs greedy {t['greedy_agreement']:.4f}; "
-        f"hit@1 at divergence {t['hit1_at_divergence']:.3f}; false flips {t['false_flip_rate']:.4f}; "
-        f"trigger P/R {t['trigger_precision'] or 0:.2f}/{t['trigger_recall'] or 0:.2f} "
-        f"at threshold {r['threshold']:.3f} (rule {r['rule']})"
-    )
-    click.echo(f"checkpoint → {out / 'reranker.pt'}")
-
-
-@click.command()
-@click.option("--slm", default=None, help="SLM registry name or .gguf path.")
-@click.option("--reranker", required=True, type=click.Path(path_type=Path), help="reranker.pt from `s2t-edge train`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
-@click.option("--archive", is_flag=True, help="Also write OUT.tar, one file to copy around.")
-@click.option(
-    "--quantize",
-    type=click.Choice(["Q4_K_M", "Q8_0"]),
-    default=None,
-    help="Requantize a higher-precision GGUF through llama.cpp first.",
-)
-@click.option("--no-gguf", is_flag=True, help="Leave the GGUF out (it comes from `s2t-edge models pull`).")
-def export(slm, reranker, out, archive, quantize, no_gguf):
-    """Write an S2T-LOCAL bundle: GGUF + verified ONNX reranker + bundle.json."""
-    _need_training_extra()
-    from s2t_edge.export.bundle_writer import export_bundle
-    from s2t_edge.store import load_registry, resolve_model
-
-    path = resolve_model(slm)
-    name = next((n for n, e in load_registry().items() if e.file == path.name), None)
-    written = export_bundle(
-        path, reranker, out, archive=archive, quantize=quantize, include_gguf=not no_gguf, slm_name=name
-    )
-    click.echo(f"bundle → {written}")
 
 
 @click.group()

@@ -81,7 +81,7 @@ _POLICY_OPTIONS = {
         show_default=True,
         help="Sampling temperature over the top-K (0 = greedy).",
     ),
-    "seed": click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs)."),
+    "seed": click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible runs)."),
     "policy": click.option(
         "--policy",
         type=click.Choice(POLICIES),
