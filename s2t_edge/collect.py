@@ -18,6 +18,7 @@ from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import SYSTEM_PROMPT, extract_answer, is_correct
+from s2t_edge.locks import lock_folder
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.shards import read_manifest, read_shard_meta, shard_name, write_manifest, write_shard
@@ -163,31 +164,32 @@ def collect(
             raise S2TError(
                 f"{out_dir} holds groups collected with other settings ({', '.join(diff)}); use another --out"
             )
-    slm = Engine(slm_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=True)
-    teacher = _open_teacher(teacher_path, slm, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
-    template = ChatTemplate(slm)
-    todo = [p for p in problems if not (out_dir / shard_name(p.id)).exists()]
-    # counts come from the shards on disk (cheap: only their metadata is read), so a crash
-    # between a shard and the manifest, or a rerun with another --limit, cannot skew them
-    counts = {"problems": 0, "positions": 0, "correct": 0}
-    for p in problems:
-        if (out_dir / shard_name(p.id)).exists():
-            meta = read_shard_meta(out_dir / shard_name(p.id))
-            counts["problems"] += 1
-            counts["positions"] += meta["tokens"]
-            counts["correct"] += meta["correct"]
-    bar = Progress(len(todo), "collect", progress)
-    try:
-        for p in todo:
-            arrays, meta = label_problem(slm, teacher, template, p, k=k, mode=mode, max_tokens=max_tokens)
-            write_shard(out_dir, p.id, arrays, meta)
-            counts["problems"] += 1
-            counts["positions"] += meta["tokens"]
-            counts["correct"] += meta["correct"]
-            write_manifest(out_dir, {**settings, **counts, "skipped_bad_lines": n_bad})
-            bar.update(note=f"acc {counts['correct'] / counts['problems']:.2f}")
-    finally:
-        bar.close()
-        slm.close()
-        teacher.close()
+    with lock_folder(out_dir):  # one run per groups folder
+        slm = Engine(slm_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=True)
+        teacher = _open_teacher(teacher_path, slm, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+        template = ChatTemplate(slm)
+        todo = [p for p in problems if not (out_dir / shard_name(p.id)).exists()]
+        # counts come from the shards on disk (cheap: only their metadata is read), so a crash
+        # between a shard and the manifest, or a rerun with another --limit, cannot skew them
+        counts = {"problems": 0, "positions": 0, "correct": 0}
+        for p in problems:
+            if (out_dir / shard_name(p.id)).exists():
+                meta = read_shard_meta(out_dir / shard_name(p.id))
+                counts["problems"] += 1
+                counts["positions"] += meta["tokens"]
+                counts["correct"] += meta["correct"]
+        bar = Progress(len(todo), "collect", progress)
+        try:
+            for p in todo:
+                arrays, meta = label_problem(slm, teacher, template, p, k=k, mode=mode, max_tokens=max_tokens)
+                write_shard(out_dir, p.id, arrays, meta)
+                counts["problems"] += 1
+                counts["positions"] += meta["tokens"]
+                counts["correct"] += meta["correct"]
+                write_manifest(out_dir, {**settings, **counts, "skipped_bad_lines": n_bad})
+                bar.update(note=f"acc {counts['correct'] / counts['problems']:.2f}")
+        finally:
+            bar.close()
+            slm.close()
+            teacher.close()
     return {**settings, **counts}

@@ -29,6 +29,7 @@ from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import extract_answer, is_correct
+from s2t_edge.locks import lock_folder
 from s2t_edge.policy import greedy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
@@ -134,72 +135,77 @@ def label(
         "trajectories": "teacher-greedy",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(out_dir)
-    if old and old.get("settings") != settings:
-        diff = [key for key in settings if old.get("settings", {}).get(key) != settings[key]]
-        raise S2TError(f"{out_dir} holds labels made with other settings ({', '.join(diff)}); use another --out")
-    write_manifest(out_dir, {"settings": settings, "data": data.name, "problems": len(shard_paths(out_dir))})
-    done = {p.name for p in shard_paths(out_dir)}
-    todo = [p for p in problems if shard_name(p.id) not in done]
-    slm = Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
-    # A cache per sequence: with one unified cache every token attends over all sequences' cells
-    # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
-    # sequences stay consecutive and a step is still one ubatch.
-    teacher = Engine(
-        teacher_path,
-        n_ctx=batch * (max_tokens + 1024),
-        n_threads=threads,
-        n_gpu_layers=gpu_layers,
-        n_seq=batch,
-        unified=False,
-    )
-    check_same_vocab(slm, teacher)
-    template = ChatTemplate(teacher)
-    pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
-    too_long = [q for q in pending if len(q.prompt) + max_tokens > teacher.n_ctx_seq]
-    if too_long:
-        raise S2TError(f"problem {too_long[0].problem.id}: prompt of {len(too_long[0].prompt)} tokens is too long")
+    with lock_folder(out_dir):  # one run per labels folder
+        old = read_manifest(out_dir)
+        if old and old.get("settings") != settings:
+            diff = [key for key in settings if old.get("settings", {}).get(key) != settings[key]]
+            raise S2TError(f"{out_dir} holds labels made with other settings ({', '.join(diff)}); use another --out")
+        write_manifest(out_dir, {"settings": settings, "data": data.name, "problems": len(shard_paths(out_dir))})
+        done = {p.name for p in shard_paths(out_dir)}
+        todo = [p for p in problems if shard_name(p.id) not in done]
+        slm = Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
+        # A cache per sequence: with one unified cache every token attends over all sequences' cells
+        # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
+        # sequences stay consecutive and a step is still one ubatch.
+        teacher = Engine(
+            teacher_path,
+            n_ctx=batch * (max_tokens + 1024),
+            n_threads=threads,
+            n_gpu_layers=gpu_layers,
+            n_seq=batch,
+            unified=False,
+        )
+        check_same_vocab(slm, teacher)
+        template = ChatTemplate(teacher)
+        pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
+        too_long = [q for q in pending if len(q.prompt) + max_tokens > teacher.n_ctx_seq]
+        if too_long:
+            q = too_long[0]
+            raise S2TError(
+                f"problem {q.problem.id}: its {len(q.prompt)}-token prompt + --max-tokens {max_tokens} > the "
+                f"{teacher.n_ctx_seq} tokens a sequence can hold; lower --max-tokens"
+            )
 
-    def keep(i: int, logits: np.ndarray) -> None:
-        top = top_k(logits, TEACHER_TOP)
-        pending[i].steps.append((top, log_softmax(logits)[top]))
+        def keep(i: int, logits: np.ndarray) -> None:
+            top = top_k(logits, TEACHER_TOP)
+            pending[i].steps.append((top, log_softmax(logits)[top]))
 
-    bar = Progress(len(todo), "label", progress)
-    n_done = n_correct = 0
-    try:
-        prompts = [q.prompt for q in pending]
-        for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
-            q = pending[i]
-            traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
-            if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
-                raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
-            ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
-            t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
-            pred = extract_answer(teacher.detokenize(out))
-            meta = {
-                "gold": q.problem.gold,
-                "pred": pred,
-                "correct": is_correct(pred, q.problem.gold),
-                "tokens": len(traj),
-                "finish_reason": stats.finish_reason,
-            }
-            arrays = {
-                "prompt": np.array(q.prompt, np.int32),
-                "chosen": np.array(traj, np.int32),
-                "slm_ids": ids,
-                "slm_logprobs": slm_lps.astype(np.float16),
-                "teacher_logprobs": t_lps.astype(np.float16),
-                "teacher_top1": np.array([s[0][0] for s in q.steps], np.int32),
-            }
-            write_label(out_dir, q.problem.id, arrays, meta)
-            q.steps = []
-            n_done += 1
-            n_correct += meta["correct"]
-            bar.update(note=f"teacher acc {n_correct / n_done:.2f}")
-    finally:
-        bar.close()
-        slm.close()
-        teacher.close()
+        bar = Progress(len(todo), "label", progress)
+        n_done = n_correct = 0
+        try:
+            prompts = [q.prompt for q in pending]
+            for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
+                q = pending[i]
+                traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
+                if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
+                    raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
+                ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
+                t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
+                pred = extract_answer(teacher.detokenize(out))
+                meta = {
+                    "gold": q.problem.gold,
+                    "pred": pred,
+                    "correct": is_correct(pred, q.problem.gold),
+                    "tokens": len(traj),
+                    "finish_reason": stats.finish_reason,
+                }
+                arrays = {
+                    "prompt": np.array(q.prompt, np.int32),
+                    "chosen": np.array(traj, np.int32),
+                    "slm_ids": ids,
+                    "slm_logprobs": slm_lps.astype(np.float16),
+                    "teacher_logprobs": t_lps.astype(np.float16),
+                    "teacher_top1": np.array([s[0][0] for s in q.steps], np.int32),
+                }
+                write_label(out_dir, q.problem.id, arrays, meta)
+                q.steps = []
+                n_done += 1
+                n_correct += meta["correct"]
+                bar.update(note=f"teacher acc {n_correct / n_done:.2f}")
+        finally:
+            bar.close()
+            slm.close()
+            teacher.close()
     n = len(shard_paths(out_dir))
     manifest = {"settings": settings, "data": data.name, "problems": n}
     write_manifest(out_dir, manifest)

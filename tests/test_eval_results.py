@@ -262,3 +262,14 @@ def test_compare_blanks_cost_across_batch_modes(tmp_path):
     assert "another --batch" in lines[-1]
     same = format_table(compare_runs([tmp_path / "g", tmp_path / "m"]))
     assert "another --batch" not in same
+
+
+def test_lock_folder_is_exclusive_and_released(tmp_path):
+    from s2t_edge.locks import lock_folder
+
+    held = lock_folder(tmp_path)
+    with pytest.raises(S2TError, match="in use by another run"):
+        lock_folder(tmp_path)
+    held.close()
+    with lock_folder(tmp_path):  # released: another run may take it
+        pass

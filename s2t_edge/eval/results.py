@@ -3,7 +3,6 @@ summary.json; plus summary statistics and a printable table."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from s2t_edge.errors import S2TError
+from s2t_edge.locks import lock_folder
 
 SETTINGS_FILE = "settings.json"
 RESULTS_FILE = "results.jsonl"
@@ -160,7 +160,7 @@ class ResultsDir:
         if self.path.exists() and not self.path.is_dir():
             raise S2TError(f"--out {self.path} is a file, not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.path)
+        self._lock = lock_folder(self.path)
         sfile = self.path / SETTINGS_FILE
         self.results_file = self.path / RESULTS_FILE
         if not sfile.exists() and self.results_file.exists() and self.results_file.stat().st_size:
@@ -211,19 +211,6 @@ class ResultsDir:
         s = summarize(self.records(), policy=self.settings.get("policy"))
         _write_json(self.path / SUMMARY_FILE, s)
         return s
-
-
-def _lock(folder: Path):
-    """An exclusive lock on a results folder, so two runs never write into one."""
-    f = (folder / ".lock").open("a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise S2TError(
-            f"{folder} is in use by another run (its .lock is held); wait for it or use another --out"
-        ) from None
-    return f
 
 
 def _write_json(path: Path, obj: Any) -> None:
