@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from s2t_edge.locks import lock_folder
 from s2t_edge.policy import greedy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
-from s2t_edge.shards import read_manifest, shard_name, shard_paths, write_manifest
+from s2t_edge.shards import read_manifest, read_npz, shard_name, shard_paths, write_manifest, write_npz
 from s2t_edge.store import sha256_file
 from s2t_edge.teacher import check_same_vocab, log_softmax
 
@@ -89,24 +88,16 @@ def lookup(teacher_top: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.nd
 
 def write_label(out_dir: Path, problem_id: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     """Atomically write one problem's label file."""
-    path = out_dir / shard_name(problem_id)
-    tmp = path.with_suffix(".tmp.npz")
-    meta = {"schema": LABEL_SCHEMA, "problem_id": problem_id, **meta}
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
-    return path
+    return write_npz(out_dir, problem_id, arrays, {"schema": LABEL_SCHEMA, **meta})
 
 
 def read_label(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(meta, arrays) of one label file."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta.get("schema") != LABEL_SCHEMA:
-                raise S2TError(f"{path}: label schema {meta.get('schema')}, this s2t-edge reads {LABEL_SCHEMA}")
-            return meta, {f: z[f] for f in LABEL_FIELDS}
-    except (OSError, ValueError, KeyError) as e:
-        raise S2TError(f"{path}: not a readable label file ({e})") from e
+    meta, arrays = read_npz(path, LABEL_SCHEMA, kind="label file")
+    missing = [f for f in LABEL_FIELDS if f not in arrays]
+    if missing:
+        raise S2TError(f"{path}: label file without {', '.join(missing)}")
+    return meta, arrays
 
 
 def label(

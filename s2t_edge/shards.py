@@ -41,27 +41,36 @@ def write_shard(out_dir: Path, problem_id: str, arrays: dict[str, np.ndarray], m
     missing = [f for f in POSITION_FIELDS if f not in arrays]
     if missing:
         raise ValueError(f"shard is missing fields {missing}")
+    return write_npz(out_dir, problem_id, arrays, {"schema": SCHEMA_VERSION, **meta})
+
+
+def write_npz(out_dir: Path, problem_id: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Atomically write one problem's `.npz` (arrays + a JSON `meta` that names the problem)."""
     path = out_dir / shard_name(problem_id)
     tmp = path.with_suffix(".tmp.npz")
-    meta = {"schema": SCHEMA_VERSION, "problem_id": problem_id, **meta}
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    np.savez_compressed(tmp, meta=np.array(json.dumps({**meta, "problem_id": problem_id})), **arrays)
     os.replace(tmp, path)
     return path
 
 
-def read_shard(path: Path, arrays: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, arrays) of one shard; a shard of another schema version is refused."""
+def read_npz(path: Path, schema: int, arrays: bool = True, kind: str = "shard") -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, arrays) of one problem's `.npz`; another schema version is refused."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            if meta.get("schema") != SCHEMA_VERSION:
+            if meta.get("schema") != schema:
                 raise S2TError(
-                    f"{path}: shard schema {meta.get('schema')} but this s2t-edge reads "
-                    f"schema {SCHEMA_VERSION}; re-collect with this version"
+                    f"{path}: {kind} schema {meta.get('schema')} but this s2t-edge reads "
+                    f"schema {schema}; {'re-collect' if kind == 'shard' else 're-label'} with this version"
                 )
             return meta, ({k: z[k] for k in z.files if k != "meta"} if arrays else {})
     except (OSError, ValueError, KeyError) as e:
-        raise S2TError(f"{path}: not a readable shard ({e})") from e
+        raise S2TError(f"{path}: not a readable {kind} ({e})") from e
+
+
+def read_shard(path: Path, arrays: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, arrays) of one shard; a shard of another schema version is refused."""
+    return read_npz(path, SCHEMA_VERSION, arrays)
 
 
 def read_shard_meta(path: Path) -> dict:
