@@ -201,3 +201,32 @@ def label(
     manifest = {"settings": settings, "data": data.name, "problems": n}
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def summarize_labels(out_dir: Path) -> dict:
+    """What a labels folder holds: problems, the teacher's accuracy, and local sufficiency on the
+    teacher's trajectories (how often its token is the SLM's top-1, 2nd, or inside its top-K)."""
+    paths = shard_paths(out_dir)
+    if not paths:
+        raise S2TError(f"{out_dir}: no label files; run `s2t-edge label` first")
+    n_correct = n_cut = 0
+    ranks = []
+    for p in paths:
+        meta, a = read_label(p)
+        n_correct += bool(meta["correct"])
+        n_cut += meta["finish_reason"] != "stop"
+        hit = a["slm_ids"] == a["teacher_top1"][:, None]
+        ranks.append(np.where(hit.any(1), hit.argmax(1) + 1, 0))  # 1-based rank, 0 = outside top-K
+    r = np.concatenate(ranks)
+    div = r != 1
+    return {
+        "problems": len(paths),
+        "teacher_accuracy": n_correct / len(paths),
+        "truncated": n_cut,
+        "positions": int(len(r)),
+        "k": int(a["slm_ids"].shape[1]),
+        "divergence_rate": float(div.mean()),
+        "at_divergence_rank2": float((r[div] == 2).mean()) if div.any() else None,
+        "at_divergence_in_topk": float((r[div] > 0).mean()) if div.any() else None,
+        "bytes_per_problem": int(sum(p.stat().st_size for p in paths) / len(paths)),
+    }

@@ -119,6 +119,25 @@ def coverage(groups, as_json, plot):
         click.echo(f"plot → {plot}", err=True)
 
 
+@analyze.command("labels")
+@click.argument("labels", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def labels_cmd(labels, as_json):
+    """What a labels folder holds: problems, teacher accuracy, local sufficiency on its trajectories."""
+    from s2t_edge.label import summarize_labels
+
+    r = summarize_labels(labels)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(
+        f"{r['problems']} problems ({r['truncated']} cut at max tokens), teacher accuracy {r['teacher_accuracy']:.1%}; "
+        f"{r['positions']} positions, the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}; "
+        f"there it is the SLM's 2nd candidate {r['at_divergence_rank2']:.1%}, inside its top-{r['k']} "
+        f"{r['at_divergence_in_topk']:.1%}; {r['bytes_per_problem'] / 1024:.1f} KB per problem"
+    )
+
+
 @click.group()
 def bundle():
     """Inspect S2T-LOCAL bundles."""

@@ -1,0 +1,56 @@
+"""`s2t-edge label` on the tiny models: the stored labels are what the two models compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from s2t_edge.engine import Engine
+from s2t_edge.errors import S2TError
+from s2t_edge.label import TEACHER_TOP, label, read_label, summarize_labels
+from s2t_edge.shards import shard_paths
+from s2t_edge.teacher import log_softmax
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> Path:
+    out = tmp_path_factory.mktemp("labels")
+    label(tiny_gguf, tiny_teacher_gguf, data, out, k=4, max_tokens=12, batch=2, threads=1, progress=False)
+    return out
+
+
+def test_labels_are_what_the_models_compute(labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path) -> None:
+    paths = shard_paths(labels)
+    assert len(paths) == 3
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as slm, Engine(tiny_teacher_gguf, n_ctx=256, n_threads=1) as t:
+        for p in paths:
+            meta, a = read_label(p)
+            prompt, chosen = a["prompt"].tolist(), a["chosen"].tolist()
+            assert meta["tokens"] == len(chosen) == len(a["slm_ids"]) and a["slm_ids"].shape[1] == 4
+            # the trajectory is the teacher's greedy answer, and `teacher_top1` is that token
+            assert np.array_equal(a["chosen"], a["teacher_top1"])
+            rows = [row.copy() for _, row in t.score(prompt + chosen[:-1], len(prompt) - 1)]
+            assert [int(r.argmax()) for r in rows] == chosen
+            slm_rows = [row.copy() for _, row in slm.score(prompt + chosen[:-1], len(prompt) - 1)]
+            for i, (s_row, t_row) in enumerate(zip(slm_rows, rows)):
+                ids = a["slm_ids"][i]
+                assert list(ids) == list(np.argsort(-s_row, kind="stable")[:4])  # SLM's top-K, best first
+                np.testing.assert_allclose(a["slm_logprobs"][i], log_softmax(s_row)[ids], atol=2e-3)
+                # the teacher's log-prob where the id is in its top TEACHER_TOP, else that top's floor
+                t_lp = log_softmax(t_row)
+                floor = np.sort(t_lp)[-TEACHER_TOP]
+                want = np.where(t_lp[ids] >= floor, t_lp[ids], floor)
+                np.testing.assert_allclose(a["teacher_logprobs"][i], want, atol=5e-3)
+
+
+def test_summary_and_resume(labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
+    s = summarize_labels(labels)
+    assert s["problems"] == 3 and s["k"] == 4 and 0 <= s["divergence_rate"] <= 1
+    assert s["positions"] == sum(read_label(p)[0]["tokens"] for p in shard_paths(labels))
+    before = {p.name: p.stat().st_mtime_ns for p in shard_paths(labels)}
+    label(tiny_gguf, tiny_teacher_gguf, data, labels, k=4, max_tokens=12, batch=2, threads=1, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in shard_paths(labels)} == before  # nothing relabelled
+    with pytest.raises(S2TError, match="other settings \\(k\\)"):
+        label(tiny_gguf, tiny_teacher_gguf, data, labels, k=3, max_tokens=12, batch=2, threads=1, progress=False)
