@@ -22,7 +22,7 @@ from pathlib import Path
 
 from s2t_edge.errors import S2TError
 from s2t_edge.manifest import FEATURE_VERSION, FORMAT_VERSION, ManifestError, validate_manifest
-from s2t_edge.store import sha256_file
+from s2t_edge.store import cached_sha256, sha256_file, store_dir
 
 __all__ = ["FEATURE_VERSION", "FORMAT_VERSION", "Bundle", "load_bundle", "fingerprint", "cached_sha256"]
 
@@ -43,36 +43,6 @@ def fingerprint(gguf_path: str | Path) -> str:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()
-
-
-def _cache_root() -> Path:
-    from s2t_edge.store import store_dir
-
-    return store_dir().parent
-
-
-def cached_sha256(path: str | Path) -> str:
-    """Full sha256 of a file, cached in the store's cache folder keyed by path, size, mtime and
-    inode: hashed once, then read back in microseconds at every start."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()).hexdigest()[:32]
-    entry = _cache_root() / "sha256" / key
-    try:
-        cached = entry.read_text().strip()
-        if len(cached) == 64 and all(c in "0123456789abcdef" for c in cached):
-            return cached
-    except OSError:
-        pass
-    digest = sha256_file(p)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f"{key}.{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        os.replace(tmp, entry)
-    except OSError:
-        pass  # a read-only cache only costs the next start one more hash
-    return digest
 
 
 @dataclass(frozen=True)
@@ -187,7 +157,7 @@ def _unpack(archive: Path) -> Path:
     """Extract a bundle archive once into the cache, keyed by the archive's hash: into a temporary
     folder, marked complete, then renamed atomically (a leftover from an interrupted extraction
     is never mistaken for a complete one)."""
-    dest = _cache_root() / "bundles" / sha256_file(archive)[:16]
+    dest = store_dir().parent / "bundles" / cached_sha256(archive)[:16]
     if (dest / _COMPLETE).exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

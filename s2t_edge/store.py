@@ -233,6 +233,30 @@ def sha256_file(path: str | os.PathLike[str], progress: bool = False) -> str:
     return h.hexdigest()
 
 
+def cached_sha256(path: str | Path) -> str:
+    """Full sha256 of a file, cached in the store's cache folder keyed by path, size, mtime and
+    inode: hashed once, then read back in microseconds at every start."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()).hexdigest()[:32]
+    entry = store_dir().parent / "sha256" / key
+    try:
+        cached = entry.read_text().strip()
+        if len(cached) == 64 and all(c in "0123456789abcdef" for c in cached):
+            return cached
+    except OSError:
+        pass
+    digest = sha256_file(p)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{key}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, entry)
+    except OSError:
+        pass  # a read-only cache only costs the next start one more hash
+    return digest
+
+
 def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     """Return `path` if it is a readable file starting with the GGUF magic, else S2TError."""
     p = Path(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from s2t_edge import bundle as bundle_mod
+from s2t_edge import store
 from s2t_edge.bundle import ADAPTER_NAME, MANIFEST, cached_sha256, default_bundle_path, load_bundle
 from s2t_edge.errors import S2TError
 from s2t_edge.manifest import FORMAT_VERSION
@@ -112,8 +112,8 @@ def test_sha256_cached(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPa
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF" + b"x" * 5000)
     calls = []
-    real = bundle_mod.sha256_file
-    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: calls.append(p) or real(p))
     first = cached_sha256(f)
     assert cached_sha256(f) == first == real(f) and len(calls) == 1  # hashed once
     assert len(list((cache / "sha256").iterdir())) == 1

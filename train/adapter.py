@@ -178,6 +178,19 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _check_labels(label_dir: Path, gguf: Path) -> dict:
+    """The labels' manifest settings; refused when they were made with another SLM."""
+    from s2t_edge.shards import read_manifest
+    from s2t_edge.store import cached_sha256
+
+    settings = (read_manifest(label_dir) or {}).get("settings", {})
+    if settings.get("slm_sha256") not in (None, cached_sha256(gguf)):
+        raise S2TError(
+            f"{label_dir} was labelled with another SLM (sha256 {settings['slm_sha256'][:12]}…), not {gguf.name}"
+        )
+    return settings
+
+
 def train_adapter(
     label_dir: Path,
     gguf: Path,
@@ -186,60 +199,88 @@ def train_adapter(
     *,
     threads: int | None = None,
     progress: bool = True,
+    validate_every: int = 200,
 ) -> dict:
     """Train (or resume) a LoRA adapter; writes `out_dir/adapter.pt` (best on validation) and
-    `report.json`. Returns the report."""
-    from peft import set_peft_model_state_dict
+    `report.json`. Returns the report.
+
+    A run keeps the problems it started with: labelling may go on in the same folder, and a
+    resumed run still trains on exactly the first run's split (new problems wait for a new run)."""
+    from s2t_edge.locks import lock_folder
 
     cfg = cfg or AdapterConfig()
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_folder(out_dir):
+        return _train(label_dir, gguf, out_dir, cfg, progress, validate_every)
+
+
+def _train(label_dir: Path, gguf: Path, out_dir: Path, cfg: AdapterConfig, progress: bool, validate_every: int) -> dict:
+    from peft import set_peft_model_state_dict
+
+    label_settings = _check_labels(label_dir, gguf)
+    cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
+    ckpt_path = out_dir / "checkpoint.pt"
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if ck is not None and (ck["config"] != cfg_dict or ck["gguf"] != gguf.name or ck["labels"] != label_settings):
+        raise S2TError(f"{out_dir} holds a run with other settings or labels; use another --out")
     trajs = load_trajectories(label_dir)
+    if ck is not None:  # the problems the run started with, and no others
+        have = {t.problem_id: t for t in trajs}
+        missing = [p for p in ck["problems"] if p not in have]
+        if missing:
+            raise S2TError(f"{label_dir} lost {len(missing)} labelled problems this run trains on (e.g. {missing[0]})")
+        trajs = [have[p] for p in ck["problems"]]
     train, val = split(trajs, cfg)
     if not train:
         raise S2TError(f"{label_dir}: no training trajectories (only_correct={cfg.only_correct})")
+    torch.manual_seed(cfg.seed)
     model = add_lora(load_slm(gguf), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    ckpt_path = out_dir / "checkpoint.pt"
     state = {"done": 0, "history": [], "best": None, "seconds": 0.0}
-    cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["config"] != cfg_dict or ck["gguf"] != gguf.name:
-            raise S2TError(f"{out_dir} holds a run with other settings; use another --out")
+    if ck is not None:
         set_peft_model_state_dict(model, ck["lora"])
         opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
         state = ck["state"]
     total = cfg.epochs * len(train)
     orders = [np.random.default_rng(cfg.seed + e).permutation(len(train)) for e in range(cfg.epochs)]
     bar = Progress(total, "train", progress)
     bar.done = state["done"]
+    last_ckpt = last_val = state["done"]
     running: float | None = None
     model.train()
     t_start = time.time() - state["seconds"]
 
     def checkpoint() -> None:
+        nonlocal last_ckpt
         state["seconds"] = time.time() - t_start
         _save_atomic(
             {
                 "config": cfg_dict,
                 "gguf": gguf.name,
+                "labels": label_settings,
+                "problems": [t.problem_id for t in trajs],
                 "lora": lora_state(model),
                 "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state(),
                 "state": state,
             },
             ckpt_path,
         )
+        last_ckpt = state["done"]
 
     def validate(tag: str) -> None:
+        nonlocal last_val
+        last_val = state["done"]
         m = evaluate(model, val)
         m["trajectories_seen"] = state["done"]
         state["history"].append({"tag": tag, **m})
         if state["best"] is None or m["agreement"] > state["best"]["agreement"]:
             state["best"] = {"tag": tag, **m}
             _save_atomic({"config": cfg_dict, "lora": lora_state(model), "val": m}, out_dir / "adapter.pt")
+        checkpoint()  # the run's state and adapter.pt always describe the same weights
 
     if state["done"] == 0 and not state["history"]:
         validate("base")
@@ -250,26 +291,32 @@ def train_adapter(
             rng = np.random.default_rng([cfg.seed, state["done"]])
             out = losses(model, t, cfg, rng)
             (out["loss"] / cfg.accumulate).backward()
-            if (state["done"] + 1) % cfg.accumulate == 0 or state["done"] + 1 == total:
+            stepped = (state["done"] + 1) % cfg.accumulate == 0 or state["done"] + 1 == total
+            if stepped:
                 opt.step()
                 opt.zero_grad()
             state["done"] += 1
-            loss = float(out["loss"])
+            loss = out["loss"].item()
             running = loss if running is None else 0.95 * running + 0.05 * loss
-            bar.update(note=f"epoch {epoch + 1} loss {running:.3f} (kl {float(out['kl']):.3f})")
+            bar.update(note=f"epoch {epoch + 1} loss {running:.3f} (kl {out['kl'].item():.4f})")
+            if not stepped:
+                continue  # checkpoints and validation only between optimizer steps
             if state["done"] % len(train) == 0:
                 validate(f"epoch{state['done'] // len(train)}")
-            if state["done"] % cfg.checkpoint_every == 0 and state["done"] % cfg.accumulate == 0:
+            elif state["done"] - last_val >= validate_every:
+                validate(f"t{state['done']}")
+            elif state["done"] - last_ckpt >= cfg.checkpoint_every:
                 checkpoint()
     finally:
         bar.close()
-        if state["done"] % cfg.accumulate == 0:  # a partial accumulation is redone on resume
-            checkpoint()
+        if state["done"] > last_ckpt and state["done"] % cfg.accumulate == 0:
+            checkpoint()  # Ctrl-C between optimizer steps loses nothing
     report = {
         "config": cfg_dict,
         "gguf": gguf.name,
         "k": int(trajs[0].ids.shape[1]),
         "labels": str(label_dir),
+        "label_settings": label_settings,
         "problems": {"train": len(train), "val": len(val), "val_ids": [t.problem_id for t in val]},
         "best": state["best"],
         "history": state["history"],

@@ -1,0 +1,93 @@
+"""The LoRA trainer on the tiny models: scores line up with the model's own logits, training moves the
+adapter toward the teacher, and a run killed half-way resumes to the very weights of an unbroken run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from s2t_edge.errors import S2TError
+from s2t_edge.label import label
+from s2t_edge.train import adapter as ad
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> Path:
+    out = tmp_path_factory.mktemp("labels")
+    label(tiny_gguf, tiny_teacher_gguf, data, out, k=4, max_tokens=16, batch=3, threads=1, progress=False)
+    return out
+
+
+def cfg(**kw) -> ad.AdapterConfig:
+    base = {
+        "rank": 4,
+        "alpha": 8,
+        "lr": 5e-3,
+        "accumulate": 2,
+        "epochs": 2,
+        "only_correct": False,
+        "val_fraction": 0.34,
+        "checkpoint_every": 2,
+        "kl_positions": 4,
+    }
+    return ad.AdapterConfig(**{**base, **kw})
+
+
+def test_candidate_logits_are_the_models_logits(labels: Path, tiny_gguf: Path) -> None:
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
+    model.eval()
+    for t in ad.load_trajectories(labels):
+        _, cand = ad.candidate_logits(model, t)
+        with torch.no_grad():
+            full = model(input_ids=torch.from_numpy(t.tokens)[None]).logits[0, t.first :]
+        assert cand.shape == t.ids.shape
+        torch.testing.assert_close(cand, full.gather(1, torch.from_numpy(t.ids)), rtol=1e-4, atol=1e-4)
+        # llama.cpp's top-K of the base model is the torch base model's top-K (tiny F32 model)
+        assert (full.argmax(-1).numpy() == t.ids[:, 0]).mean() > 0.95
+
+
+def test_training_moves_toward_the_teacher(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    r = ad.train_adapter(labels, tiny_gguf, tmp_path / "run", cfg(epochs=4), threads=1, progress=False)
+    base = r["history"][0]
+    assert base["tag"] == "base" and r["best"]["agreement"] >= base["agreement"]
+    trained = ad.train_adapter(labels, tiny_gguf, tmp_path / "run", cfg(epochs=4), threads=1, progress=False)
+    assert trained["history"] == r["history"]  # a finished run resumes to its end: nothing redone
+    train_set = [t for t in ad.load_trajectories(labels) if t.problem_id not in r["problems"]["val_ids"]]
+    from peft import set_peft_model_state_dict
+
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
+    before = ad.evaluate(model, train_set)
+    set_peft_model_state_dict(model, torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["lora"])
+    after = ad.evaluate(model, train_set)  # the last weights (adapter.pt holds the best on validation)
+    assert after["agreement"] > before["agreement"]  # it learns its training problems
+
+
+def test_killed_run_resumes_to_the_same_weights(labels: Path, tiny_gguf: Path, tmp_path: Path, monkeypatch) -> None:
+    whole = tmp_path / "whole"
+    ad.train_adapter(labels, tiny_gguf, whole, cfg(), threads=1, progress=False)
+    real = ad.losses
+    calls = {"n": 0}
+
+    def dies_after_three(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(ad, "losses", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        ad.train_adapter(labels, tiny_gguf, broken, cfg(), threads=1, progress=False)
+    monkeypatch.setattr(ad, "losses", real)
+    assert torch.load(broken / "checkpoint.pt", weights_only=False)["state"]["done"] == 2
+    ad.train_adapter(labels, tiny_gguf, broken, cfg(), threads=1, progress=False)
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(broken / "checkpoint.pt", weights_only=False)
+    assert a["state"]["done"] == b["state"]["done"]
+    for k in a["lora"]:
+        np.testing.assert_allclose(a["lora"][k].numpy(), b["lora"][k].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(S2TError, match="other settings"):
+        ad.train_adapter(labels, tiny_gguf, broken, cfg(lr=1e-3), threads=1, progress=False)
