@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from s2t_edge.train import adapter as ad
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import label
-from s2t_edge.train import adapter as ad
 
 
 @pytest.fixture(scope="module")
