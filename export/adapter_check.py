@@ -63,16 +63,17 @@ def check_adapter(
     gguf_path: str | Path,
     adapter_gguf: str | Path,
     peft_model: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     *,
     scale: float = 1.0,
     max_tokens: int = 128,
     n_threads: int | None = None,
 ) -> dict:
     """Measure llama.cpp + `adapter_gguf` against `peft_model` (a PeftModel over the same GGUF) on
-    `prompts` (each cut to `max_tokens` tokens). Returns positions, top-1 agreement, mean and min
-    logit correlation, the same for the two base models (`base_*`), the GGUF's file type, and
-    `delta_correlation`: how well llama.cpp reproduces the adapter's own change of the logits.
+    `prompts` (text, or token ids such as a prompt and its answer; each cut to `max_tokens` tokens).
+    Returns positions, top-1 agreement, mean and min logit correlation, the same for the two base
+    models (`base_*`), the GGUF's file type, and `delta_correlation`: how well llama.cpp
+    reproduces the adapter's own change of the logits.
 
     One prompt at a time, one llama.cpp row at a time: memory stays at a few [T, V] arrays."""
     if not prompts:
@@ -82,7 +83,7 @@ def check_adapter(
     with Engine(gguf_path, n_ctx=max_tokens + 8, n_threads=n_threads, lora=adapter_gguf, lora_scale=scale) as eng:
         ftype = int(eng.metadata("general.file_type") or 0)
         for text in prompts:
-            ids = eng.tokenize(text)[:max_tokens]
+            ids = list(eng.tokenize(text) if isinstance(text, str) else text)[:max_tokens]
             if not ids:
                 continue
             ref_ad = _torch_logits(peft_model, ids, eng.n_vocab)

@@ -60,13 +60,14 @@ class AdapterExport:
     very GGUF being bundled), held-out prompts for the export check, and its training record."""
 
     model: Any
-    prompts: Sequence[str]
+    prompts: Sequence[str | Sequence[int]]  # text, or token ids (a prompt with its answer: what it was trained on)
     k: int = 8  # candidates s2t-local shows per step (the K the adapter was trained over)
     training: dict = field(default_factory=dict)  # data, config, metrics: JSON-serialisable
     base_sha256: str | None = None  # sha256 of the GGUF it was trained on (checked when given)
     dtype: str = "f16"
     scale: float = 1.0
     thresholds: dict | None = None  # default: adapter_check.thresholds_for(the check)
+    check_tokens: int = 128  # positions of each prompt the export check compares
 
 
 def _adapter_section(gguf: Path, sha: str, adapter: AdapterExport, out: Path) -> dict:
@@ -82,7 +83,9 @@ def _adapter_section(gguf: Path, sha: str, adapter: AdapterExport, out: Path) ->
     path = out / ADAPTER_NAME
     try:
         path, lora = export_lora(adapter.model, gguf, path, dtype=adapter.dtype, base_sha256=sha)
-        check = check_adapter(gguf, path, adapter.model, adapter.prompts, scale=adapter.scale)
+        check = check_adapter(
+            gguf, path, adapter.model, adapter.prompts, scale=adapter.scale, max_tokens=adapter.check_tokens
+        )
         thresholds = require_adapter_check(check, adapter.thresholds)
     except BaseException:
         path.unlink(missing_ok=True)

@@ -194,6 +194,8 @@ def test_models_and_health(server: Server) -> None:
         ),
         ("/v1/completions", {"prompt": "word " * 400}, KEY, 400, "context_length_exceeded"),
         ("/v1/completions", {"prompt": ""}, KEY, 400, None),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "bad \\ud800 text"}]}', KEY, 400, None),
+        ("/v1/completions", b'{"prompt": "\\udfff"}', KEY, 400, None),
         ("/v1/nothing", {"prompt": "x"}, KEY, 404, None),
     ],
 )

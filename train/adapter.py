@@ -345,23 +345,22 @@ def load_adapter(run_dir: Path, gguf: Path):
 
 
 def adapter_export(run_dir: Path, gguf: Path, *, threads: int | None = None, n_prompts: int = 8):
-    """What `export_bundle` needs for a trained adapter: the model, held-out prompts (validation
-    problems' prompts + the teacher's answers, never dev) and the training record."""
+    """What `export_bundle` needs for a trained adapter: the model, held-out token sequences for
+    the export check (validation problems' prompts with the teacher's answers — the positions the
+    adapter was trained on, never dev) and the training record."""
     from s2t_edge.export.bundle_writer import AdapterExport
 
-    from s2t_edge.engine import Engine
     from s2t_edge.shards import read_manifest, shard_name
-    from s2t_edge.store import sha256_file
+    from s2t_edge.store import cached_sha256
 
     if threads:
         torch.set_num_threads(threads)
     model, report = load_adapter(run_dir, gguf)
     label_dir = Path(report["labels"])
     prompts = []
-    with Engine(gguf, n_ctx=256, n_threads=threads) as eng:
-        for pid in report["problems"]["val_ids"][:n_prompts]:
-            _, a = read_label(label_dir / shard_name(pid))
-            prompts.append(eng.detokenize([*a["prompt"].tolist(), *a["chosen"].tolist()], special=True))
+    for pid in report["problems"]["val_ids"][:n_prompts]:
+        _, a = read_label(label_dir / shard_name(pid))
+        prompts.append([*a["prompt"].tolist(), *a["chosen"].tolist()])
     manifest = read_manifest(label_dir) or {}
     training = {
         "labels": {"dir": label_dir.name, **manifest},
@@ -371,4 +370,6 @@ def adapter_export(run_dir: Path, gguf: Path, *, threads: int | None = None, n_p
         "seconds": report["seconds"],
     }
     k = int(report.get("k", 8))
-    return AdapterExport(model, prompts, k=k, training=training, base_sha256=sha256_file(gguf))
+    return AdapterExport(
+        model, prompts, k=k, training=training, base_sha256=cached_sha256(gguf), check_tokens=max(map(len, prompts))
+    )

@@ -130,12 +130,16 @@ def labels_cmd(labels, as_json):
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(
+    line = (
         f"{r['problems']} problems ({r['truncated']} cut at max tokens), teacher accuracy {r['teacher_accuracy']:.1%}; "
-        f"{r['positions']} positions, the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}; "
-        f"there it is the SLM's 2nd candidate {r['at_divergence_rank2']:.1%}, inside its top-{r['k']} "
-        f"{r['at_divergence_in_topk']:.1%}; {r['bytes_per_problem'] / 1024:.1f} KB per problem"
+        f"{r['positions']} positions, the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}"
     )
+    if r["at_divergence_rank2"] is not None:
+        line += (
+            f"; there it is the SLM's 2nd candidate {r['at_divergence_rank2']:.1%}, "
+            f"inside its top-{r['k']} {r['at_divergence_in_topk']:.1%}"
+        )
+    click.echo(f"{line}; {r['bytes_per_problem'] / 1024:.1f} KB per problem")
 
 
 @click.group()

@@ -220,38 +220,42 @@ def run_eval(
         if spec.maj_n:  # maj@N samples the base model: the adapter belongs to s2t-local only
             models.slm.use_lora(False)
         results = ResultsDir(out / spec.name.replace("@", "_at_"), settings)
-        policy = (
-            None
-            if spec.maj_n
-            else build_policy(
-                models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold
-            )
-        )
-        runnable, too_long = fitting(engine, template, problems, skip_bad)
-        done = results.done_ids()
-        todo = [p for p in runnable if p.id not in done]
-        correct = sum(r["correct"] for r in results.records())
-        bar = Progress(len(runnable), spec.name, progress)
-        bar.done = len(runnable) - len(todo)
-        if batched:
-            solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens, seed=seed)
-        else:
-            solved = ((p, _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)) for p in todo)
         try:
-            for p, rec in solved:
-                rec = {
-                    "id": p.id,
-                    "policy": spec.name,
-                    "gold": p.gold,
-                    "correct": is_correct(rec["pred"], p.gold),
-                    **rec,
-                }
-                results.append(rec)
-                correct += rec["correct"]
-                bar.update(note=f"acc {correct / (bar.done + 1):.3f}")
+            policy = (
+                None
+                if spec.maj_n
+                else build_policy(
+                    models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold
+                )
+            )
+            runnable, too_long = fitting(engine, template, problems, skip_bad)
+            done = results.done_ids()
+            todo = [p for p in runnable if p.id not in done]
+            correct = sum(r["correct"] for r in results.records())
+            bar = Progress(len(runnable), spec.name, progress)
+            bar.done = len(runnable) - len(todo)
+            if batched:
+                solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens, seed=seed)
+            else:
+                solved = (
+                    (p, _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)) for p in todo
+                )
+            try:
+                for p, rec in solved:
+                    rec = {
+                        "id": p.id,
+                        "policy": spec.name,
+                        "gold": p.gold,
+                        "correct": is_correct(rec["pred"], p.gold),
+                        **rec,
+                    }
+                    results.append(rec)
+                    correct += rec["correct"]
+                    bar.update(note=f"acc {correct / (bar.done + 1):.3f}")
+            finally:
+                bar.close()
+            summary = {**results.summary(), "skipped": n_bad + too_long, "settings": settings}
+            summaries.append(summary)  # settings: cost× only within one --batch
         finally:
-            bar.close()
-        summary = {**results.summary(), "skipped": n_bad + too_long, "settings": settings}
-        summaries.append(summary)  # settings: cost× only within one --batch
-        results.close()
+            results.close()
     return summaries

@@ -39,7 +39,8 @@ def create_app(svc: Service) -> Starlette:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def health(request: Request) -> Response:
-        return JSONResponse(svc.health())
+        h = svc.health()
+        return JSONResponse(h, status_code=503 if h["status"] != "ok" else 200)
 
     async def models(request: Request) -> Response:
         svc.check_key(request.headers.get("authorization"))

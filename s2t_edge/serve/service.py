@@ -69,6 +69,12 @@ class Service:
         return self.greedy if req.greedy else self.policy
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
+        try:
+            return self._prompt_ids(req)
+        except S2TError as e:  # e.g. text that is not valid UTF-8 (a lone surrogate escape in the JSON)
+            raise APIError(400, str(e), param="messages" if req.kind == "chat" else "prompt") from None
+
+    def _prompt_ids(self, req: GenRequest) -> list[int]:
         if req.kind == "completion":
             return self.engine.tokenize(req.prompt or "")
         if self.template is None:
@@ -104,7 +110,7 @@ class Service:
 
     def health(self) -> dict:
         return {
-            "status": "ok",
+            "status": "error" if self.worker.failed else "ok",
             "model": self.model_name,
             "policy": self.policy.name,
             "parallel": self.worker.parallel,

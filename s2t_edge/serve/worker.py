@@ -80,6 +80,7 @@ class Worker:
         self._lock = threading.Lock()
         self._pending = 0  # submitted and not yet finished
         self._closing = False
+        self.failed = False  # the engine thread died (the health check says so)
         self._deadline = float("inf")  # after it, running jobs are ended with an error
         self._thread = threading.Thread(target=self._run, name="s2t-edge-engine", daemon=False)
 
@@ -108,7 +109,7 @@ class Worker:
                     code="queue_full",
                 )
             self._pending += 1
-        self._inbox.put(job)
+            self._inbox.put(job)  # under the lock: the engine thread's last drain cannot miss it
 
     def shutdown(self, grace: float) -> None:
         """Refuse new jobs; running ones get `grace` seconds to finish, then end with an error.
@@ -141,13 +142,16 @@ class Worker:
                     self._step()
         except Exception:  # never leave a client hanging: whatever broke, every job gets an answer
             log.exception("engine thread failed")
+            self.failed = True
         finally:
+            with self._lock:  # from here on `submit` refuses: nobody would read the inbox
+                self._closing = True
             err = _closing_error()
             for job in [*self._jobs.values(), *self._waiting]:
                 self._finish(job, Failed(err))
             self._jobs.clear()
             self._waiting.clear()
-            while True:  # jobs submitted after the loop ended
+            while True:  # jobs submitted before `_closing` was set (none can come after)
                 try:
                     job = self._inbox.get_nowait()
                 except queue.Empty:
