@@ -140,3 +140,21 @@ def test_majority_vote_non_numeric_answers():
 )
 def test_extract_answer_phrase_variants(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_truncated_answers_are_graded_on_an_explicit_answer_only():
+    # cut off at max tokens while echoing the question: its last number is not an answer
+    cut = "Tom has 3 apples and buys 2 more. First, 3 + 2 = 5 apples. Then he gives away 2, so"
+    assert extract_answer(cut) == "2"  # an answer that ended by itself keeps the last-number rule
+    assert extract_answer(cut, complete=False) is None
+    assert not is_correct(extract_answer(cut, complete=False), "2")
+    # an explicit final answer still counts, cut or not
+    assert extract_answer("so the answer is 5. Let me also check", complete=False) == "5"
+    assert extract_answer("Total: \\boxed{12} and then", complete=False) == "12"
+
+
+def test_eval_records_count_truncation(tmp_path):
+    from s2t_edge.eval.results import summarize
+
+    recs = [{"id": "a", "correct": True, "truncated": 0}, {"id": "b", "correct": False, "truncated": 1}]
+    assert summarize(recs)["truncated"] == 1
