@@ -67,9 +67,18 @@ def main() -> None:
         path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, n_batch=512, flash_attn=True
     )
     plain = Engine(path, n_ctx=args.ctx, n_threads=args.threads)
-    hidden = Engine(path, n_ctx=args.ctx, n_threads=args.threads, hidden=True)
-    sel = S2TLocal(OnnxReranker(bundle.onnx_path), bundle.threshold, bundle.select_rule)
-    s2t_local = Policy("s2t-local", k=bundle.k, trigger=sel, selector=sel, needs_hidden=True)
+    variants = {"ours greedy": (plain, greedy())}  # name -> (engine, policy)
+    if bundle.has_reranker:
+        hidden = Engine(path, n_ctx=args.ctx, n_threads=args.threads, hidden=True)
+        sel = S2TLocal(OnnxReranker(bundle.onnx_path), bundle.threshold, bundle.select_rule)
+        variants["ours greedy + hidden"] = (hidden, greedy())
+        variants["ours s2t-local"] = (
+            hidden,
+            Policy("s2t-local", k=bundle.k, trigger=sel, selector=sel, needs_hidden=True),
+        )
+    if bundle.adapter_path is not None:  # the bundle's LoRA applied by llama.cpp: greedy on the adapted SLM
+        adapted = Engine(path, n_ctx=args.ctx, n_threads=args.threads, lora=bundle.adapter_path)
+        variants["ours s2t-local (adapter)"] = (adapted, greedy())
     prompts = [plain.tokenize(p) for p in PROMPTS]
 
     def ref_run(toks: list[int], n: int = args.tokens) -> float:
@@ -78,22 +87,15 @@ def main() -> None:
 
     for toks in prompts:  # warm up every variant
         ref_run(toks, 4)
-        run_ours(plain, toks, 4, greedy())
-        run_ours(hidden, toks, 4, greedy())
-        run_ours(hidden, toks, 4, s2t_local)
+        for engine, policy in variants.values():
+            run_ours(engine, toks, 4, policy)
 
-    rates: dict[str, list[float]] = {
-        "llama-cpp-python": [],
-        "ours greedy": [],
-        "ours greedy + hidden": [],
-        "ours s2t-local": [],
-    }
+    rates: dict[str, list[float]] = {"llama-cpp-python": [], **{name: [] for name in variants}}
     for _ in range(args.rounds):
         for toks in prompts:
             rates["llama-cpp-python"].append(ref_run(toks))
-            rates["ours greedy"].append(run_ours(plain, toks, args.tokens, greedy()))
-            rates["ours greedy + hidden"].append(run_ours(hidden, toks, args.tokens, greedy()))
-            rates["ours s2t-local"].append(run_ours(hidden, toks, args.tokens, s2t_local))
+            for name, (engine, policy) in variants.items():
+                rates[name].append(run_ours(engine, toks, args.tokens, policy))
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["llama-cpp-python"]
     print(
@@ -102,7 +104,9 @@ def main() -> None:
     )
     for k, v in med.items():
         print(f"  {k:<22} {v:6.1f} tok/s   ratio {v / base:.3f}")
-    print(f"  s2t-local / ours greedy ratio {med['ours s2t-local'] / med['ours greedy']:.3f}")
+    for name in ("ours s2t-local", "ours s2t-local (adapter)"):
+        if name in med:
+            print(f"  {name} / ours greedy ratio {med[name] / med['ours greedy']:.3f}")
     print(json.dumps({k: round(v, 2) for k, v in med.items()}))
 
 

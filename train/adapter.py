@@ -326,14 +326,17 @@ def _train(label_dir: Path, gguf: Path, out_dir: Path, cfg: AdapterConfig, progr
     return report
 
 
-def load_adapter(run_dir: Path, gguf: Path):
-    """(PeftModel with the best adapter of a `train_adapter` run, its report)."""
+def load_adapter(run_dir: Path, gguf: Path, which: str = "best"):
+    """(PeftModel with the `which` adapter of a `train_adapter` run, its report): "best" on
+    validation (adapter.pt) or the "last" weights trained (checkpoint.pt)."""
     from peft import set_peft_model_state_dict
 
-    path = Path(run_dir) / "adapter.pt"
+    path = Path(run_dir) / ("adapter.pt" if which == "best" else "checkpoint.pt")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         report = json.loads((Path(run_dir) / "report.json").read_text())
+        if which == "last":
+            report["best"] = ck["state"]["history"][-1]  # what the bundle records as its metrics
         c = ck["config"]
         cfg = AdapterConfig(**{**c, "targets": tuple(c["targets"])})
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as e:
@@ -344,7 +347,7 @@ def load_adapter(run_dir: Path, gguf: Path):
     return model, report
 
 
-def adapter_export(run_dir: Path, gguf: Path, *, threads: int | None = None, n_prompts: int = 8):
+def adapter_export(run_dir: Path, gguf: Path, *, which: str = "best", threads: int | None = None, n_prompts: int = 8):
     """What `export_bundle` needs for a trained adapter: the model, held-out token sequences for
     the export check (validation problems' prompts with the teacher's answers — the positions the
     adapter was trained on, never dev) and the training record."""
@@ -355,7 +358,7 @@ def adapter_export(run_dir: Path, gguf: Path, *, threads: int | None = None, n_p
 
     if threads:
         torch.set_num_threads(threads)
-    model, report = load_adapter(run_dir, gguf)
+    model, report = load_adapter(run_dir, gguf, which)
     label_dir = Path(report["labels"])
     prompts = []
     for pid in report["problems"]["val_ids"][:n_prompts]:

@@ -132,6 +132,13 @@ def train(
 @click.option("--slm", default=None, help="SLM registry name or .gguf path.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="reranker.pt from `s2t-edge train --groups`.")
 @click.option("--adapter", type=click.Path(path_type=Path), help="Output folder of `s2t-edge train --labels`.")
+@click.option(
+    "--weights",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="The adapter's best weights on validation, or the last ones trained.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option("--archive", is_flag=True, help="Also write OUT.tar, one file to copy around.")
 @click.option(
@@ -142,7 +149,7 @@ def train(
 )
 @click.option("--no-gguf", is_flag=True, help="Leave the GGUF out (it comes from `s2t-edge models pull`).")
 @cli_options.threads
-def export(slm, reranker, adapter, out, archive, quantize, no_gguf, threads):
+def export(slm, reranker, adapter, weights, out, archive, quantize, no_gguf, threads):
     """Write an S2T-LOCAL bundle: GGUF + LoRA adapter and/or ONNX reranker + bundle.json, each checked."""
     if reranker is None and adapter is None:
         raise click.UsageError("give --adapter DIR, --reranker FILE, or both")
@@ -156,7 +163,7 @@ def export(slm, reranker, adapter, out, archive, quantize, no_gguf, threads):
     if adapter is not None:
         from s2t_edge.train.adapter import adapter_export
 
-        lora = adapter_export(adapter, path, threads=threads)
+        lora = adapter_export(adapter, path, which=weights, threads=threads)
     written = export_bundle(
         path, reranker, out, adapter=lora, archive=archive, quantize=quantize, include_gguf=not no_gguf, slm_name=name
     )
