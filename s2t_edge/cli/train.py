@@ -10,6 +10,8 @@ import click
 from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
+ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems"}  # adapter-only options
+
 
 def need_training_extra() -> None:
     try:
@@ -68,6 +70,12 @@ def train(
     """Distill the teacher's selection: into the tiny reranker (--groups) or a LoRA adapter (--labels)."""
     if (groups is None) == (labels is None):
         raise click.UsageError("give --groups (reranker) or --labels (adapter)")
+    ctx = click.get_current_context()
+    given = {n for n in ctx.params if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT}
+    wrong = given & ({"k", "width", "no_hidden", "no_tokens", "token_prior"} if labels else ADAPTER_ONLY)
+    if wrong:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(wrong))
+        raise click.UsageError(f"{flags} do not apply to {'--labels (adapter)' if labels else '--groups (reranker)'}")
     need_training_extra()
     from s2t_edge.store import resolve_model
 
