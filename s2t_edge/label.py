@@ -14,8 +14,7 @@ points, and its trajectories batch without the SLM in lockstep (the cheapest of 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +56,6 @@ class _Pending:
     problem: Problem
     prompt: list[int]
     steps: list[tuple[np.ndarray, np.ndarray]]  # (ids, log-probs) of the teacher's top TEACHER_TOP
-
-
-def data_sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
-def settings_key(settings: dict) -> str:
-    """A short hash of every setting that changes a label."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def slm_labels(slm: Engine, prompt: list[int], traj: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +109,7 @@ def label(
     settings = {
         "slm_sha256": sha256_file(slm_path),
         "teacher_sha256": sha256_file(teacher_path),
-        "data_sha256": data_sha256(data),
+        "data_sha256": sha256_file(data),
         "k": k,
         "max_tokens": max_tokens,
         "teacher_top": TEACHER_TOP,
@@ -134,69 +124,72 @@ def label(
         write_manifest(out_dir, {"settings": settings, "data": data.name, "problems": len(shard_paths(out_dir))})
         done = {p.name for p in shard_paths(out_dir)}
         todo = [p for p in problems if shard_name(p.id) not in done]
-        slm = Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
-        # A cache per sequence: with one unified cache every token attends over all sequences' cells
-        # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
-        # sequences stay consecutive and a step is still one ubatch.
-        teacher = Engine(
-            teacher_path,
-            n_ctx=batch * (max_tokens + 1024),
-            n_threads=threads,
-            n_gpu_layers=gpu_layers,
-            n_seq=batch,
-            unified=False,
-        )
-        check_same_vocab(slm, teacher)
-        template = ChatTemplate(teacher)
-        pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
-        too_long = [q for q in pending if len(q.prompt) + max_tokens > teacher.n_ctx_seq]
-        if too_long:
-            q = too_long[0]
-            raise S2TError(
-                f"problem {q.problem.id}: its {len(q.prompt)}-token prompt + --max-tokens {max_tokens} > the "
-                f"{teacher.n_ctx_seq} tokens a sequence can hold; lower --max-tokens"
+        with contextlib.ExitStack() as stack:  # closes whichever engines were opened, however this ends
+            slm = stack.enter_context(
+                Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
             )
+            # A cache per sequence: with one unified cache every token attends over all sequences' cells
+            # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
+            # sequences stay consecutive and a step is still one ubatch.
+            teacher = stack.enter_context(
+                Engine(
+                    teacher_path,
+                    n_ctx=batch * (max_tokens + 1024),
+                    n_threads=threads,
+                    n_gpu_layers=gpu_layers,
+                    n_seq=batch,
+                    unified=False,
+                )
+            )
+            check_same_vocab(slm, teacher)
+            template = ChatTemplate(teacher)
+            pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
+            too_long = [q for q in pending if len(q.prompt) + max_tokens > teacher.n_ctx_seq]
+            if too_long:
+                q = too_long[0]
+                raise S2TError(
+                    f"problem {q.problem.id}: its {len(q.prompt)}-token prompt + --max-tokens {max_tokens} > the "
+                    f"{teacher.n_ctx_seq} tokens a sequence can hold; lower --max-tokens"
+                )
 
-        def keep(i: int, logits: np.ndarray) -> None:
-            top = top_k(logits, TEACHER_TOP)
-            pending[i].steps.append((top, log_softmax(logits)[top]))
+            def keep(i: int, logits: np.ndarray) -> None:
+                top = top_k(logits, TEACHER_TOP)
+                pending[i].steps.append((top, log_softmax(logits)[top]))
 
-        bar = Progress(len(todo), "label", progress)
-        n_done = n_correct = 0
-        try:
-            prompts = [q.prompt for q in pending]
-            for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
-                q = pending[i]
-                traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
-                if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
-                    raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
-                ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
-                t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
-                pred = extract_answer(teacher.detokenize(out))
-                meta = {
-                    "gold": q.problem.gold,
-                    "pred": pred,
-                    "correct": is_correct(pred, q.problem.gold),
-                    "tokens": len(traj),
-                    "finish_reason": stats.finish_reason,
-                }
-                arrays = {
-                    "prompt": np.array(q.prompt, np.int32),
-                    "chosen": np.array(traj, np.int32),
-                    "slm_ids": ids,
-                    "slm_logprobs": slm_lps.astype(np.float16),
-                    "teacher_logprobs": t_lps.astype(np.float16),
-                    "teacher_top1": np.array([s[0][0] for s in q.steps], np.int32),
-                }
-                write_label(out_dir, q.problem.id, arrays, meta)
-                q.steps = []
-                n_done += 1
-                n_correct += meta["correct"]
-                bar.update(note=f"teacher acc {n_correct / n_done:.2f}")
-        finally:
-            bar.close()
-            slm.close()
-            teacher.close()
+            bar = Progress(len(todo), "label", progress)
+            n_done = n_correct = 0
+            try:
+                prompts = [q.prompt for q in pending]
+                for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
+                    q = pending[i]
+                    traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
+                    if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
+                        raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
+                    ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
+                    t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
+                    pred = extract_answer(teacher.detokenize(out), complete=stats.finish_reason == "stop")
+                    meta = {
+                        "gold": q.problem.gold,
+                        "pred": pred,
+                        "correct": is_correct(pred, q.problem.gold),
+                        "tokens": len(traj),
+                        "finish_reason": stats.finish_reason,
+                    }
+                    arrays = {
+                        "prompt": np.array(q.prompt, np.int32),
+                        "chosen": np.array(traj, np.int32),
+                        "slm_ids": ids,
+                        "slm_logprobs": slm_lps.astype(np.float16),
+                        "teacher_logprobs": t_lps.astype(np.float16),
+                        "teacher_top1": np.array([s[0][0] for s in q.steps], np.int32),
+                    }
+                    write_label(out_dir, q.problem.id, arrays, meta)
+                    q.steps = []
+                    n_done += 1
+                    n_correct += meta["correct"]
+                    bar.update(note=f"teacher acc {n_correct / n_done:.2f}")
+            finally:
+                bar.close()
     n = len(shard_paths(out_dir))
     manifest = {"settings": settings, "data": data.name, "problems": n}
     write_manifest(out_dir, manifest)

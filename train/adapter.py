@@ -75,7 +75,7 @@ def load_trajectories(label_dir: Path, k: int | None = None) -> list[Trajectory]
                 a["slm_ids"][:, :kk].astype(np.int64),
                 a["teacher_logprobs"][:, :kk].astype(np.float32),
                 a["slm_logprobs"][:, :kk].astype(np.float32),
-                bool(meta["correct"]),
+                bool(meta["correct"]) and meta["finish_reason"] == "stop",  # a cut answer is never "right"
             )
         )
     return out
