@@ -32,7 +32,7 @@ from s2t_edge.policy import greedy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.shards import read_manifest, read_npz, shard_name, shard_paths, write_manifest, write_npz
-from s2t_edge.store import sha256_file
+from s2t_edge.store import cached_sha256, sha256_file
 from s2t_edge.teacher import check_same_vocab, log_softmax
 
 LABEL_SCHEMA = 1
@@ -107,8 +107,8 @@ def label(
     """Label the first `limit` problems of `data` into `out_dir` (resumable). Returns the manifest."""
     problems, _ = load_problems(data, limit=limit)
     settings = {
-        "slm_sha256": sha256_file(slm_path),
-        "teacher_sha256": sha256_file(teacher_path),
+        "slm_sha256": cached_sha256(slm_path),  # hashed once per file, not at every resume
+        "teacher_sha256": cached_sha256(teacher_path),
         "data_sha256": sha256_file(data),
         "k": k,
         "max_tokens": max_tokens,
