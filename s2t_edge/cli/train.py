@@ -10,7 +10,7 @@ import click
 from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
-ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems"}  # adapter-only options
+ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "targets"}  # adapter-only options
 
 
 def need_training_extra() -> None:
@@ -43,6 +43,12 @@ def need_training_extra() -> None:
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=0.1, show_default=True, help="Adapter only.")
 @click.option("--all-trajectories", is_flag=True, help="Adapter: also train on trajectories with a wrong answer.")
 @click.option("--max-problems", type=click.IntRange(min=1), default=None, help="Adapter: first N training problems.")
+@click.option(
+    "--targets",
+    type=click.Choice(["all", "attention"]),
+    default=None,
+    help="Adapter: LoRA on q/k/v/o/gate/up/down (all, default) or q/k/v/o only (cheaper to decode).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
 @click.option("--json", "as_json", is_flag=True)
@@ -63,6 +69,7 @@ def train(
     kl_weight,
     all_trajectories,
     max_problems,
+    targets,
     seed,
     threads,
     as_json,
@@ -80,7 +87,7 @@ def train(
     from s2t_edge.store import resolve_model
 
     if labels is not None:
-        from s2t_edge.train.adapter import AdapterConfig, train_adapter
+        from s2t_edge.train.adapter import TARGETS, AdapterConfig, train_adapter
 
         cfg = AdapterConfig(
             rank=rank or 16,
@@ -92,6 +99,7 @@ def train(
             only_correct=not all_trajectories,
             max_problems=max_problems,
             seed=seed,
+            targets=TARGETS[:4] if targets == "attention" else TARGETS,
         )
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads)
         if as_json:
