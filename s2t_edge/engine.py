@@ -9,51 +9,20 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
+from s2t_edge.backend import MAX_THREADS, default_threads, init_backend
 from s2t_edge.errors import S2TError
+from s2t_edge.lora import LoraAdapter
 from s2t_edge.store import check_gguf_file
-
-_backend_ready = False
-MAX_THREADS = 512  # GGML_MAX_N_THREADS: more crashes llama.cpp's thread pool (a segfault, not an error)
 
 
 class ContextOverflow(S2TError):
     """The input does not fit the context (a user error: shorten it or raise --ctx)."""
-
-
-_last_error = [""]  # llama.cpp's last ERROR-level line, quoted in our own messages
-
-
-@llama_cpp.llama_log_callback
-def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """Drop llama.cpp's chatter; errors reach the user through our own messages."""
-    if level == 4:  # GGML_LOG_LEVEL_ERROR
-        _last_error[0] = text.decode("utf-8", "replace").strip()
-    if os.environ.get("S2T_EDGE_LLAMA_LOG"):
-        print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
-
-
-def default_threads() -> int:
-    """All available cores (capped at 8): decode on a laptop is memory-bound past that."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
 
 
 def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
@@ -97,7 +66,7 @@ class Engine:
         threads = n_threads or default_threads()
         if not 1 <= threads <= MAX_THREADS:
             raise S2TError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
-        _init_backend()
+        init_backend()
         self.path = check_gguf_file(model_path)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -166,7 +135,7 @@ class Engine:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_lora", None):  # after the context that uses it, before its model
-            llama_cpp.llama_adapter_lora_free(self._lora)
+            self._lora.free()
             self._lora = None
         if getattr(self, "_model", None):
             llama_cpp.llama_model_free(self._model)
@@ -187,16 +156,9 @@ class Engine:
         """Load a GGUF LoRA adapter made for this model and switch it on (S2TError, one line,
         if llama.cpp refuses it: unreadable, truncated, another architecture or other shapes)."""
         if self._lora:
-            raise S2TError(f"{self.path.name}: a LoRA adapter is already loaded ({self.lora_path})")
-        p = Path(path)
-        if not p.is_file():
-            raise S2TError(f"{p}: no such LoRA adapter file")
-        _last_error[0] = ""
-        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(p).encode())
-        if not adapter:
-            why = _last_error[0].split("failed to apply lora adapter: ")[-1] or "not a LoRA GGUF?"
-            raise S2TError(f"{p}: llama.cpp refused this LoRA adapter for {self.path.name} ({why})")
-        self._lora, self.lora_path, self.lora_scale = adapter, p, float(scale)
+            raise S2TError(f"{self.path.name}: a LoRA adapter is already loaded ({self._lora.path})")
+        self._lora = LoraAdapter(self._model, self.path.name, path, scale)
+        self.lora_path, self.lora_scale = self._lora.path, self._lora.scale
         self.use_lora(True)
 
     def use_lora(self, on: bool) -> None:
@@ -206,10 +168,7 @@ class Engine:
             raise S2TError(f"{self.path.name}: no LoRA adapter loaded")
         if on == self.lora_on:
             return
-        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
-        scales = (ctypes.c_float * 1)(self.lora_scale)
-        if llama_cpp.llama_set_adapters_lora(self._ctx, adapters if on else None, int(on), scales if on else None):
-            raise S2TError(f"{self.path.name}: llama.cpp could not {'apply' if on else 'remove'} the LoRA adapter")
+        self._lora.apply(self._ctx, on)
         self.lora_on = on
         self.reset()
 

@@ -174,6 +174,7 @@ def label(
                         "correct": is_correct(pred, q.problem.gold),
                         "tokens": len(traj),
                         "finish_reason": stats.finish_reason,
+                        "batch": batch,  # batched kernels may break near-ties differently
                     }
                     arrays = {
                         "prompt": np.array(q.prompt, np.int32),

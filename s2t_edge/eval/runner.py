@@ -59,10 +59,10 @@ def parse_policies(names: list[str]) -> list[EvalSpec]:
 
 def _solve(
     models: Models,
-    template: ChatTemplate,
     spec: EvalSpec,
     policy: Policy | None,
     problem: Problem,
+    prompt: list[int],
     *,
     max_tokens: int,
     seed: int,
@@ -70,11 +70,9 @@ def _solve(
     """Answer one problem with one policy; the record written to results.jsonl."""
     t0 = time.perf_counter()
     if spec.maj_n:
-        prompt = problem_prompt(models.slm, template, problem.question)
         samples = sample_parallel(models.slm, prompt, spec.maj_n, max_tokens=max_tokens, seed=seed + problem.index)
         return _maj_record(models.slm, samples, time.perf_counter() - t0, max_tokens)
     engine = _engine_for(models, spec)
-    prompt = problem_prompt(engine, template, problem.question)
     stats = DecodeStats()
     ids = [t.id for t in decode(engine, prompt, max_tokens=max_tokens, stats=stats, **policy.decode_args())]
     return _decoded_record(engine, ids, stats, time.perf_counter() - t0)
@@ -118,10 +116,10 @@ def _decoded_record(engine: Engine, ids: list[int], stats: DecodeStats, seconds:
 
 def _solve_batched(
     models: Models,
-    template: ChatTemplate,
     spec: EvalSpec,
     policy: Policy | None,
     problems: list[Problem],
+    prompts: list[list[int]],
     *,
     max_tokens: int,
     seed: int,
@@ -129,7 +127,6 @@ def _solve_batched(
     """Answer `problems` as one continuous batch; yields (problem, record) as each finishes. A
     record's seconds are its share of the batched decode (cost per problem, not latency)."""
     engine = _engine_for(models, spec)
-    prompts = [problem_prompt(engine, template, p.question) for p in problems]
     if spec.maj_n:  # groups of N sequences, one group per problem, same seeds as one at a time
         seeds = [seed + p.index for p in problems]
         for i, samples, seconds in sample_batch(engine, prompts, spec.maj_n, max_tokens=max_tokens, seeds=seeds):
@@ -141,12 +138,14 @@ def _solve_batched(
 
 def fitting(
     engine: Engine, template: ChatTemplate, problems: list[Problem], skip_bad: bool
-) -> tuple[list[Problem], int]:
+) -> tuple[list[Problem], dict[str, list[int]], int]:
     """The problems whose prompt leaves room for an answer in one sequence's context, checked before
-    anything decodes; (those, how many were skipped). Without `skip_bad` the first misfit is an error."""
-    ok = []
+    anything decodes; (those, their prompts by id, how many were skipped). Without `skip_bad` the
+    first misfit is an error."""
+    ok, prompts = [], {}
     for p in problems:
-        n = len(problem_prompt(engine, template, p.question))
+        prompts[p.id] = prompt = problem_prompt(engine, template, p.question)
+        n = len(prompt)
         if n < engine.n_ctx_seq:
             ok.append(p)
         elif not skip_bad:
@@ -156,7 +155,7 @@ def fitting(
             )
     if len(ok) < len(problems):
         print(f"skipped {len(problems) - len(ok)} problem(s) longer than the context", file=sys.stderr)
-    return ok, len(problems) - len(ok)
+    return ok, {p.id: prompts[p.id] for p in ok}, len(problems) - len(ok)
 
 
 def batchable(spec: EvalSpec, trigger: str = "always") -> bool:
@@ -228,17 +227,18 @@ def run_eval(
                     models, "greedy" if spec.name == "teacher" else spec.name, k=k, trigger=trigger, threshold=threshold
                 )
             )
-            runnable, too_long = fitting(engine, template, problems, skip_bad)
+            runnable, prompts, too_long = fitting(engine, template, problems, skip_bad)
             done = results.done_ids()
             todo = [p for p in runnable if p.id not in done]
             correct = sum(r["correct"] for r in results.records())
             bar = Progress(len(runnable), spec.name, progress)
             bar.done = len(runnable) - len(todo)
             if batched:
-                solved = _solve_batched(models, template, spec, policy, todo, max_tokens=max_tokens, seed=seed)
+                todo_prompts = [prompts[p.id] for p in todo]
+                solved = _solve_batched(models, spec, policy, todo, todo_prompts, max_tokens=max_tokens, seed=seed)
             else:
                 solved = (
-                    (p, _solve(models, template, spec, policy, p, max_tokens=max_tokens, seed=seed)) for p in todo
+                    (p, _solve(models, spec, policy, p, prompts[p.id], max_tokens=max_tokens, seed=seed)) for p in todo
                 )
             try:
                 for p, rec in solved:
