@@ -80,6 +80,7 @@ def check_adapter(
         raise S2TError("the adapter check needs at least one held-out prompt")
     peft_model.eval()
     top1, corr, base_top1, base_corr, delta, changed = [], [], [], [], [], []
+    probe: dict = {}
     with Engine(gguf_path, n_ctx=max_tokens + 8, n_threads=n_threads, lora=adapter_gguf, lora_scale=scale) as eng:
         ftype = int(eng.metadata("general.file_type") or 0)
         for text in prompts:
@@ -103,6 +104,9 @@ def check_adapter(
                 changed.append(int(ref_ad[pos].argmax()) != int(ref_base[pos].argmax()))
                 if np.abs(d_ref).max() > 1e-6:
                     delta.append(_pearson(cpp_ad[pos] - row, d_ref))
+            p = _probe(ids, ref_ad, ref_base)
+            if not probe or p["changed"] > probe["changed"]:
+                probe = p
     if not top1:
         raise S2TError("the adapter check's prompts tokenize to nothing")
     return {
@@ -117,6 +121,19 @@ def check_adapter(
         "adapter_top1_changes": float(np.mean(changed)),
         "file_type": ftype,
         "scale": float(scale),
+        "probe": probe,
+    }
+
+
+def _probe(ids: Sequence[int], ref_ad: np.ndarray, ref_base: np.ndarray) -> dict:
+    """One prompt's torch top-1 with and without the adapter at every position: a small record in
+    the bundle against which the real SLM + adapter is tested (tests/test_integration_slm.py)."""
+    ad, base = ref_ad.argmax(1), ref_base.argmax(1)
+    return {
+        "tokens": [int(t) for t in ids],
+        "adapted_top1": ad.tolist(),
+        "base_top1": base.tolist(),
+        "changed": int((ad != base).sum()),
     }
 
 

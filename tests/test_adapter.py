@@ -112,6 +112,10 @@ def test_llama_cpp_matches_peft(tmp_path: Path, tiny_gguf: Path, model, dtype: s
     assert check["delta_correlation"] > (0.9999 if dtype == "f32" else 0.999)  # ...the same way in both
     assert check["top1_agreement"] >= 0.98 and check["correlation_mean"] > 0.9999
     assert require_adapter_check(check) == EXACT_THRESHOLDS
+    probe = check["probe"]  # the prompt the adapter changes most, recorded for the integration test
+    n = len(probe["tokens"])
+    assert n == len(probe["adapted_top1"]) == len(probe["base_top1"]) > 0
+    assert probe["changed"] == sum(a != b for a, b in zip(probe["adapted_top1"], probe["base_top1"])) > 0
 
 
 def test_adapter_changes_logits_and_switches(tiny_gguf: Path, exported: Path, model) -> None:

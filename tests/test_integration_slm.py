@@ -153,3 +153,36 @@ def test_chat_two_turns(slm_path: Path) -> None:
     lines = r.stdout.strip().splitlines()
     assert "4" in r.stdout and "6" in r.stdout, r.stdout
     assert lines[-1].startswith("2 turns,"), r.stdout
+
+
+def adapter_bundle() -> Path:
+    """The bundle whose adapter is tested: the shipped default (S2T_EDGE_TEST_BUNDLE overrides)."""
+    from s2t_edge.bundle import default_bundle_path
+
+    path = os.environ.get("S2T_EDGE_TEST_BUNDLE")
+    return Path(path) if path else default_bundle_path()
+
+
+def test_bundle_adapter_changes_the_slm_as_exported(slm_path: Path) -> None:
+    """llama.cpp with the bundle's adapter on the real SLM reproduces the top-1 changes torch + peft
+    made at export on the recorded probe (the validation answer the adapter changes most)."""
+    from s2t_edge.bundle import load_bundle
+
+    bundle = load_bundle(adapter_bundle())
+    assert bundle.adapter is not None, f"{bundle.root}: no adapter in the bundle"
+    check = bundle.adapter["check"]
+    probe = check["probe"]
+    tokens = probe["tokens"]
+    with Engine(slm_path, n_ctx=len(tokens) + 64, n_threads=THREADS, lora=bundle.adapter_path) as eng:
+        adapted = [int(row.argmax()) for _, row in eng.score(tokens, 0)]
+        eng.use_lora(False)
+        base = [int(row.argmax()) for _, row in eng.score(tokens, 0)]
+    n = len(tokens)
+    agree = sum(a == b for a, b in zip(adapted, probe["adapted_top1"])) / n
+    assert agree >= check["thresholds"]["top1_agreement"]  # the bar the export held it to
+    torch_changed = [i for i in range(n) if probe["adapted_top1"][i] != probe["base_top1"][i]]
+    cpp_changed = [i for i in range(n) if adapted[i] != base[i]]
+    assert cpp_changed, "the adapter changes no top-1 on its probe"
+    # where torch + peft says the adapter moves the top-1, llama.cpp moves it too (most places)
+    both = len(set(torch_changed) & set(cpp_changed))
+    assert both >= 0.5 * len(torch_changed), (both, torch_changed, cpp_changed)
