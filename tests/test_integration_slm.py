@@ -156,11 +156,16 @@ def test_chat_two_turns(slm_path: Path) -> None:
 
 
 def adapter_bundle() -> Path:
-    """The bundle whose adapter is tested: the shipped default (S2T_EDGE_TEST_BUNDLE overrides)."""
-    from s2t_edge.bundle import default_bundle_path
+    """The bundle whose adapter is tested: the shipped default when it has one, else the pilot
+    adapter kept in tests/data (S2T_EDGE_TEST_BUNDLE overrides both)."""
+    from s2t_edge.bundle import default_bundle_path, load_bundle
 
-    path = os.environ.get("S2T_EDGE_TEST_BUNDLE")
-    return Path(path) if path else default_bundle_path()
+    if os.environ.get("S2T_EDGE_TEST_BUNDLE"):
+        return Path(os.environ["S2T_EDGE_TEST_BUNDLE"])
+    default = default_bundle_path()
+    if default is not None and load_bundle(default).adapter is not None:
+        return default
+    return REPO / "tests" / "data" / "adapter-pilot"
 
 
 def test_bundle_adapter_changes_the_slm_as_exported(slm_path: Path) -> None:
