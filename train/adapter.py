@@ -10,6 +10,7 @@ its general behaviour. Checkpoints are small and atomic; a killed run resumes wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -41,6 +42,7 @@ class AdapterConfig:
     kl_positions: int = 32  # positions per trajectory where the full-vocabulary term is taken
     only_correct: bool = True  # train on trajectories whose answer is right
     val_fraction: float = 0.05
+    split: str = "hash"  # a problem is in validation by a hash of (seed, id): stable as labels grow
     seed: int = 0
     max_problems: int | None = None
     checkpoint_every: int = 50  # trajectories
@@ -81,13 +83,24 @@ def load_trajectories(label_dir: Path, k: int | None = None) -> list[Trajectory]
     return out
 
 
+def _unit_hash(seed: int, problem_id: str) -> float:
+    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory], list[Trajectory]]:
-    """Seeded train / validation split by problem (validation keeps every trajectory)."""
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(trajs))
-    n_val = max(1, int(round(cfg.val_fraction * len(trajs))))
-    val = [trajs[i] for i in sorted(order[:n_val])]
-    train = [trajs[i] for i in sorted(order[n_val:]) if trajs[i].correct or not cfg.only_correct]
+    """Seeded train / validation split by problem (validation keeps every trajectory). A problem
+    is in validation when a hash of (seed, its id) falls below `val_fraction`, so it stays there
+    however many problems are labelled: runs on more labels are measured on a superset of the
+    same validation problems."""
+    if cfg.split != "hash":
+        raise S2TError(f"unknown adapter split {cfg.split!r}")
+    u = {t.problem_id: _unit_hash(cfg.seed, t.problem_id) for t in trajs}
+    in_val = {pid: x < cfg.val_fraction for pid, x in u.items()}
+    if not any(in_val.values()):  # a handful of problems: still one to validate on
+        in_val[min(u, key=u.__getitem__)] = True
+    val = [t for t in trajs if in_val[t.problem_id]]
+    train = [t for t in trajs if not in_val[t.problem_id] and (t.correct or not cfg.only_correct)]
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]
     return train, val
