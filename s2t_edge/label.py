@@ -99,7 +99,7 @@ def label(
     limit: int | None = None,
     k: int = 8,
     max_tokens: int = 400,
-    batch: int = 64,
+    batch: int = 16,
     threads: int | None = None,
     gpu_layers: int = 0,
     progress: bool = True,
