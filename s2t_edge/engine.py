@@ -120,7 +120,8 @@ class Engine:
         self.hidden_rows: list[np.ndarray] = []
         self._embeddings_on = False
         # LoRA adapter (optional): loaded once, applied to the context; see load_lora / use_lora
-        self._lora, self.lora_path, self.lora_scale, self.lora_on = None, None, lora_scale, False
+        self._lora: LoraAdapter | None = None
+        self.lora_on = False
         if lora is not None:
             self.load_lora(lora, lora_scale)
 
@@ -158,8 +159,12 @@ class Engine:
         if self._lora:
             raise S2TError(f"{self.path.name}: a LoRA adapter is already loaded ({self._lora.path})")
         self._lora = LoraAdapter(self._model, self.path.name, path, scale)
-        self.lora_path, self.lora_scale = self._lora.path, self._lora.scale
         self.use_lora(True)
+
+    @property
+    def lora_path(self) -> Path | None:
+        """The loaded adapter's file, or None."""
+        return self._lora.path if self._lora else None
 
     def use_lora(self, on: bool) -> None:
         """Switch the loaded adapter on or off. The KV cache was computed by the other model, so
