@@ -134,12 +134,27 @@ def candidate_logits(model, t: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
 def losses(model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Listwise selection loss (+ top-1 CE) toward the teacher, and the KL to the frozen SLM."""
     h, logits = candidate_logits(model, t)
-    logp = torch.log_softmax(logits, -1)
+    return selection_losses(model, h, logits, t, cfg, rng)
+
+
+def selection_losses(
+    model,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    t: Trajectory,
+    cfg: AdapterConfig,
+    rng: np.random.Generator,
+    scored: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """`losses` from the hidden states [T, H] and the candidate logits [T, K] of the language
+    model; `scored` [T, K] replaces the logits the selection is trained on (not the KL's)."""
+    scored = logits if scored is None else scored
+    logp = torch.log_softmax(scored, -1)
     teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
     target = teacher.argmax(-1)
     div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
     w = 1 + (cfg.divergent_weight - 1) * div
-    sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(logits, target, reduction="none")
+    sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(scored, target, reduction="none")
     sel = (w * sel).sum() / w.sum()
     # KL(frozen || adapted) over K + 1 buckets (the candidates, everything else) at sampled positions
     n = min(cfg.kl_positions, len(t.ids))
