@@ -3,7 +3,7 @@ S2T-LOCAL scorer) pick the teacher's token more often than the plain adapter, on
 
 Trains LoRA + the branch score vector (`train/branch.py`) for one epoch on exactly the training
 problems and split of a finished `s2t-edge train --labels` run (same config, same order), then
-prints validation metrics next to that run's. Resumable (state saved every 25 trajectories).
+prints validation metrics next to that run's. Resumable (state saved every 24 trajectories).
 
     python benchmarks/branch_probe.py runs/adapter-attn-2 runs/branch-probe [--trigger-p 0.9] [--threads 2]
 """
