@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not (args.reference / "checkpoint.pt").is_file():
+        raise SystemExit(f"{args.reference}: not a finished `s2t-edge train --labels` run (no checkpoint.pt)")
     ref_ck = torch.load(args.reference / "checkpoint.pt", map_location="cpu", weights_only=False)
     report = json.loads((args.reference / "report.json").read_text())
     c = ref_ck["config"]
