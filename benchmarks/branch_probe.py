@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from s2t_edge.train.adapter import add_lora, candidate_logits, load_slm, load_trajectories, lora_state, split
+from s2t_edge.train.adapter import (
+    add_lora,
+    candidate_logits,
+    load_slm,
+    load_trajectories,
+    lora_state,
+    run_label_dirs,
+    split,
+)
 from s2t_edge.train.branch import BranchConfig, branch_evaluate, branch_logits, branch_losses
 
 from s2t_edge.store import resolve_model
@@ -39,8 +47,10 @@ def main() -> None:
     report = json.loads((args.reference / "report.json").read_text())
     c = ref_ck["config"]
     cfg = BranchConfig(**{**c, "targets": tuple(c["targets"])}, trigger_p=args.trigger_p, head_lr=args.head_lr)
-    have = {t.problem_id: t for t in load_trajectories(Path(report["labels"]))}
-    train, val = split([have[p] for p in ref_ck["problems"]], cfg)
+    dirs = run_label_dirs(report)
+    have = {t.key: t for t in load_trajectories(dirs)}
+    keys = [p if "/" in p else f"{dirs[0].name}/{p}" for p in ref_ck["problems"]]  # older runs: bare ids
+    train, val = split([have[p] for p in keys], cfg)
     print(f"{len(train)} training / {len(val)} validation trajectories, trigger p1 < {cfg.trigger_p}", flush=True)
 
     torch.manual_seed(cfg.seed)

@@ -1,15 +1,19 @@
 """`s2t-edge label`: compact teacher labels at scale, for training an adapter on the SLM.
 
-Trajectories are the teacher's own greedy answers, decoded many problems at once (one llama.cpp
-batch per step); the teacher's log-probabilities are kept at every step. Each finished answer is
-then prefilled once through the SLM, which gives the SLM's top-K at every position, and the
-teacher's log-probability of each of those K ids is looked up. One small `.npz` per problem
-(no hidden states, ≈ 10 KB), written atomically, so a killed run resumes where it stopped and the
-labels can be committed.
+Two kinds of trajectories, decoded many problems at once (one llama.cpp batch per step):
+- "teacher": the teacher's own greedy answers, its log-probabilities kept at every step; each
+  finished answer is prefilled once through the SLM for the SLM's top-K at every position.
+- "slm": the SLM's own greedy answers (optionally under a bundle's LoRA adapter): the states the
+  student actually visits. Each is scored by the teacher in one prefill, which costs far less
+  than the teacher decoding token by token.
+Either way a position stores the SLM's top-K and the teacher's log-probability of each of those
+K ids. One small `.npz` per problem (no hidden states, ≈ 10 KB), written atomically, so a killed
+run resumes where it stopped and the labels can be committed.
 
-Why the teacher's trajectories: S2T (the teacher selecting among the SLM's top-K) and the teacher
-alone reach the same accuracy, the teacher's token lies in the SLM's top-8 at ≈ 98% of divergence
-points, and its trajectories batch without the SLM in lockstep (the cheapest of the three).
+Why the teacher's trajectories first: S2T (the teacher selecting among the SLM's top-K) and the
+teacher alone reach the same accuracy, the teacher's token lies in the SLM's top-8 at ≈ 98% of
+divergence points, and they can be filtered by the known answer. The SLM's trajectories correct
+the student where it actually goes (off the teacher's path), at about half the cost per problem.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from s2t_edge.batch import decode_batch
+from s2t_edge.bundle import load_bundle
 from s2t_edge.candidates import top_k
 from s2t_edge.collect import problem_prompt
 from s2t_edge.engine import Engine
@@ -90,6 +95,75 @@ def read_label(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
+TRAJECTORIES = ("teacher", "slm")
+
+
+@dataclass
+class _Labelled:
+    """One finished trajectory with its label arrays (what `write_label` stores)."""
+
+    problem: Problem
+    prompt: list[int]
+    traj: list[int]  # the end-of-turn token included
+    text_ids: list[int]  # the answer without it (for grading)
+    finish_reason: str
+    ids: np.ndarray
+    slm_lps: np.ndarray
+    t_lps: np.ndarray
+    t_top1: np.ndarray
+
+
+def _teacher_trajectories(slm: Engine, teacher: Engine, pending: list[_Pending], k: int, max_tokens: int):
+    """The teacher decodes (its log-probs kept per step); each answer is prefilled through the SLM."""
+
+    def keep(i: int, logits: np.ndarray) -> None:
+        top = top_k(logits, TEACHER_TOP)
+        pending[i].steps.append((top, log_softmax(logits)[top]))
+
+    prompts = [q.prompt for q in pending]
+    for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
+        q = pending[i]
+        traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
+        if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
+            raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
+        ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
+        t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
+        t_top1 = np.array([s[0][0] for s in q.steps], np.int32)
+        q.steps = []
+        yield _Labelled(q.problem, q.prompt, traj, out, stats.finish_reason, ids, slm_lps, t_lps, t_top1)
+
+
+def _slm_trajectories(slm: Engine, decoder: Engine, teacher: Engine, pending: list[_Pending], k: int, max_tokens: int):
+    """The SLM (`decoder`: the same model, batched, with or without a bundle's adapter) decodes
+    greedily; each answer is then scored by the teacher in one prefill (exact log-probs, not a top
+    cut) and, when an adapter decoded it, by the base SLM in one more."""
+    base_decodes = decoder.lora_path is None
+    rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def keep(i: int, logits: np.ndarray) -> None:  # the base SLM's top-K, straight from its decode
+        top = top_k(logits, k)
+        rows.setdefault(i, []).append((top, log_softmax(logits)[top]))
+
+    prompts = [q.prompt for q in pending]
+    hook = keep if base_decodes else None
+    for i, out, stats in decode_batch(decoder, prompts, greedy(1), max_tokens=max_tokens, on_logits=hook):
+        q = pending[i]
+        traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
+        if base_decodes:
+            steps = rows.pop(i)
+            ids, slm_lps = np.stack([s[0] for s in steps]).astype(np.int32), np.stack([s[1] for s in steps])
+        else:
+            ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
+        if len(ids) != len(traj):
+            raise RuntimeError(f"{q.problem.id}: {len(ids)} SLM rows for {len(traj)} tokens")
+        t_lps, t_top1 = [], []
+        for (_, logits), row in zip(teacher.score(q.prompt + traj[:-1], len(q.prompt) - 1), ids):
+            t_lps.append(log_softmax(logits)[row])
+            t_top1.append(int(logits.argmax()))
+        t_lps_a, t_top1_a = np.stack(t_lps), np.array(t_top1, np.int32)
+        yield _Labelled(q.problem, q.prompt, traj, out, stats.finish_reason, ids, slm_lps, t_lps_a, t_top1_a)
+
+
 def label(
     slm_path: Path,
     teacher_path: Path,
@@ -100,21 +174,40 @@ def label(
     k: int = 8,
     max_tokens: int = 400,
     batch: int = 16,
+    trajectories: str = "teacher",
+    bundle: Path | None = None,
     threads: int | None = None,
     gpu_layers: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Label the first `limit` problems of `data` into `out_dir` (resumable). Returns the manifest."""
+    """Label the first `limit` problems of `data` into `out_dir` (resumable). Returns the manifest.
+
+    `trajectories`: "teacher" (the teacher's greedy answers) or "slm" (the SLM's own greedy
+    answers, i.e. the states it visits when it decodes alone; with `bundle`, those of the SLM
+    under that bundle's adapter)."""
+    if trajectories not in TRAJECTORIES:
+        raise S2TError(f"unknown trajectories {trajectories!r}; choose one of {', '.join(TRAJECTORIES)}")
+    b = None
+    if bundle is not None:
+        if trajectories != "slm":
+            raise S2TError("--bundle decodes the SLM's own trajectories: use it with --trajectories slm")
+        b = load_bundle(bundle)
+        if b.adapter_path is None:
+            raise S2TError(f"{bundle}: this bundle has no LoRA adapter to decode with")
+        b.check_slm(slm_path)
     problems, _ = load_problems(data, limit=limit)
+    kind = "teacher-greedy" if trajectories == "teacher" else "slm-greedy"
     settings = {
         "slm_sha256": cached_sha256(slm_path),  # hashed once per file, not at every resume
         "teacher_sha256": cached_sha256(teacher_path),
         "data_sha256": sha256_file(data),
         "k": k,
         "max_tokens": max_tokens,
-        "teacher_top": TEACHER_TOP,
-        "trajectories": "teacher-greedy",
+        "teacher_top": TEACHER_TOP if trajectories == "teacher" else None,
+        "trajectories": kind if b is None else f"adapter-greedy:{b.adapter['sha256']}",
     }
+    if settings["teacher_top"] is None:
+        del settings["teacher_top"]  # exact teacher log-probs (older folders keep their key)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_folder(out_dir):  # one run per labels folder
         old = read_manifest(out_dir)
@@ -131,9 +224,9 @@ def label(
             # A cache per sequence: with one unified cache every token attends over all sequences' cells
             # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
             # sequences stay consecutive and a step is still one ubatch.
-            teacher = stack.enter_context(
+            decoder = stack.enter_context(
                 Engine(
-                    teacher_path,
+                    teacher_path if trajectories == "teacher" else slm_path,
                     n_ctx=batch * (max_tokens + 1024),
                     n_threads=threads,
                     n_gpu_layers=gpu_layers,
@@ -141,54 +234,55 @@ def label(
                     unified=False,
                 )
             )
+            if b is not None:
+                decoder.load_lora(b.adapter_path, b.adapter_scale)
+            if trajectories == "teacher":
+                teacher = decoder
+            else:
+                teacher = stack.enter_context(
+                    Engine(teacher_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
+                )
             check_same_vocab(slm, teacher)
             template = ChatTemplate(teacher)
             pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
-            too_long = [q for q in pending if len(q.prompt) + max_tokens > teacher.n_ctx_seq]
+            too_long = [q for q in pending if len(q.prompt) + max_tokens > decoder.n_ctx_seq]
             if too_long:
                 q = too_long[0]
                 raise S2TError(
                     f"problem {q.problem.id}: its {len(q.prompt)}-token prompt + --max-tokens {max_tokens} > the "
-                    f"{teacher.n_ctx_seq} tokens a sequence can hold; lower --max-tokens"
+                    f"{decoder.n_ctx_seq} tokens a sequence can hold; lower --max-tokens"
                 )
-
-            def keep(i: int, logits: np.ndarray) -> None:
-                top = top_k(logits, TEACHER_TOP)
-                pending[i].steps.append((top, log_softmax(logits)[top]))
-
+            if trajectories == "teacher":
+                source = _teacher_trajectories(slm, teacher, pending, k, max_tokens)
+            else:
+                source = _slm_trajectories(slm, decoder, teacher, pending, k, max_tokens)
+            who = "teacher" if trajectories == "teacher" else "slm"
             bar = Progress(len(todo), "label", progress)
             n_done = n_correct = 0
             try:
-                prompts = [q.prompt for q in pending]
-                for i, out, stats in decode_batch(teacher, prompts, greedy(1), max_tokens=max_tokens, on_logits=keep):
-                    q = pending[i]
-                    traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
-                    if len(q.steps) != len(traj):  # one teacher row per step, or the labels would shift
-                        raise RuntimeError(f"{q.problem.id}: {len(q.steps)} teacher rows for {len(traj)} tokens")
-                    ids, slm_lps = slm_labels(slm, q.prompt, traj, k)
-                    t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
-                    pred = extract_answer(teacher.detokenize(out), complete=stats.finish_reason == "stop")
+                for lab in source:
+                    pred = extract_answer(teacher.detokenize(lab.text_ids), complete=lab.finish_reason == "stop")
                     meta = {
-                        "gold": q.problem.gold,
+                        "gold": lab.problem.gold,
                         "pred": pred,
-                        "correct": is_correct(pred, q.problem.gold),
-                        "tokens": len(traj),
-                        "finish_reason": stats.finish_reason,
+                        "correct": is_correct(pred, lab.problem.gold),
+                        "tokens": len(lab.traj),
+                        "finish_reason": lab.finish_reason,
                         "batch": batch,  # batched kernels may break near-ties differently
+                        "trajectories": settings["trajectories"],
                     }
                     arrays = {
-                        "prompt": np.array(q.prompt, np.int32),
-                        "chosen": np.array(traj, np.int32),
-                        "slm_ids": ids,
-                        "slm_logprobs": slm_lps.astype(np.float16),
-                        "teacher_logprobs": t_lps.astype(np.float16),
-                        "teacher_top1": np.array([s[0][0] for s in q.steps], np.int32),
+                        "prompt": np.array(lab.prompt, np.int32),
+                        "chosen": np.array(lab.traj, np.int32),
+                        "slm_ids": lab.ids,
+                        "slm_logprobs": lab.slm_lps.astype(np.float16),
+                        "teacher_logprobs": lab.t_lps.astype(np.float16),
+                        "teacher_top1": lab.t_top1,
                     }
-                    write_label(out_dir, q.problem.id, arrays, meta)
-                    q.steps = []
+                    write_label(out_dir, lab.problem.id, arrays, meta)
                     n_done += 1
                     n_correct += meta["correct"]
-                    bar.update(note=f"teacher acc {n_correct / n_done:.2f}")
+                    bar.update(note=f"{who} acc {n_correct / n_done:.2f}")
             finally:
                 bar.close()
     n = len(shard_paths(out_dir))
@@ -198,8 +292,8 @@ def label(
 
 
 def summarize_labels(out_dir: Path) -> dict:
-    """What a labels folder holds: problems, the teacher's accuracy, and local sufficiency on the
-    teacher's trajectories (how often its token is the SLM's top-1, 2nd, or inside its top-K)."""
+    """What a labels folder holds: problems, whose trajectories and their accuracy, and local
+    sufficiency on them (how often the teacher's token is the SLM's top-1, 2nd, or inside its top-K)."""
     paths = shard_paths(out_dir)
     if not paths:
         raise S2TError(f"{out_dir}: no label files; run `s2t-edge label` first")
@@ -215,7 +309,8 @@ def summarize_labels(out_dir: Path) -> dict:
     div = r != 1
     return {
         "problems": len(paths),
-        "teacher_accuracy": n_correct / len(paths),
+        "trajectories": (read_manifest(out_dir) or {}).get("settings", {}).get("trajectories"),
+        "accuracy": n_correct / len(paths),  # of the labelled trajectories' answers
         "truncated": n_cut,
         "positions": int(len(r)),
         "k": int(a["slm_ids"].shape[1]),

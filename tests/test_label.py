@@ -55,3 +55,92 @@ def test_summary_and_resume(labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Pa
     assert {p.name: p.stat().st_mtime_ns for p in shard_paths(labels)} == before  # nothing relabelled
     with pytest.raises(S2TError, match="other settings \\(k\\)"):
         label(tiny_gguf, tiny_teacher_gguf, data, labels, k=3, max_tokens=12, batch=2, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def slm_labels_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path
+) -> Path:
+    out = tmp_path_factory.mktemp("slm-labels")
+    label(
+        tiny_gguf,
+        tiny_teacher_gguf,
+        data,
+        out,
+        k=4,
+        max_tokens=12,
+        batch=2,
+        trajectories="slm",
+        threads=1,
+        progress=False,
+    )
+    return out
+
+
+def check_slm_trajectory_labels(out: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, decoder: Engine) -> None:
+    """Each stored trajectory is `decoder`'s greedy answer; the SLM's top-K are the base model's;
+    the teacher's log-probs are exact (a prefill, no top cut) and `teacher_top1` is its argmax."""
+    paths = shard_paths(out)
+    assert len(paths) == 3
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as slm, Engine(tiny_teacher_gguf, n_ctx=256, n_threads=1) as t:
+        for p in paths:
+            _, a = read_label(p)
+            prompt, chosen = a["prompt"].tolist(), a["chosen"].tolist()
+            d_rows = [row.copy() for _, row in decoder.score(prompt + chosen[:-1], len(prompt) - 1)]
+            assert [int(r.argmax()) for r in d_rows] == chosen
+            s_rows = [row.copy() for _, row in slm.score(prompt + chosen[:-1], len(prompt) - 1)]
+            t_rows = [row.copy() for _, row in t.score(prompt + chosen[:-1], len(prompt) - 1)]
+            assert a["teacher_top1"].tolist() == [int(r.argmax()) for r in t_rows]
+            for i, (s_row, t_row) in enumerate(zip(s_rows, t_rows)):
+                ids = a["slm_ids"][i]
+                assert list(ids) == list(np.argsort(-s_row, kind="stable")[:4])
+                np.testing.assert_allclose(a["slm_logprobs"][i], log_softmax(s_row)[ids], atol=5e-3)  # float16
+                np.testing.assert_allclose(a["teacher_logprobs"][i], log_softmax(t_row)[ids], atol=5e-3)
+
+
+def test_slm_trajectories(slm_labels_dir: Path, tiny_gguf: Path, tiny_teacher_gguf: Path) -> None:
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as slm:
+        check_slm_trajectory_labels(slm_labels_dir, tiny_gguf, tiny_teacher_gguf, slm)
+    metas = [read_label(p)[0] for p in shard_paths(slm_labels_dir)]
+    assert all(m["trajectories"] == "slm-greedy" for m in metas)
+    # the teacher and the SLM disagree somewhere on the SLM's own path (else the test shows nothing)
+    assert any(
+        (read_label(p)[1]["teacher_top1"] != read_label(p)[1]["chosen"]).any() for p in shard_paths(slm_labels_dir)
+    )
+
+
+def test_adapter_trajectories(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
+    from test_adapter import adapter_bundle
+
+    from s2t_edge.bundle import load_bundle
+
+    bundle = adapter_bundle(tmp_path / "bundle", tiny_gguf)
+    out = tmp_path / "labels"
+    label(
+        tiny_gguf,
+        tiny_teacher_gguf,
+        data,
+        out,
+        k=4,
+        max_tokens=12,
+        batch=2,
+        trajectories="slm",
+        bundle=bundle,
+        threads=1,
+        progress=False,
+    )
+    b = load_bundle(bundle)
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as adapted:
+        adapted.load_lora(b.adapter_path, b.adapter_scale)
+        check_slm_trajectory_labels(out, tiny_gguf, tiny_teacher_gguf, adapted)
+    assert read_label(shard_paths(out)[0])[0]["trajectories"] == f"adapter-greedy:{b.adapter['sha256']}"
+
+
+def test_label_refusals(tmp_path: Path, labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
+    kw = dict(k=4, max_tokens=12, batch=2, threads=1, progress=False)
+    with pytest.raises(S2TError, match="other settings \\(trajectories\\)"):
+        label(tiny_gguf, tiny_teacher_gguf, data, labels, trajectories="slm", **kw)
+    with pytest.raises(S2TError, match="use it with --trajectories slm"):
+        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "a", bundle=tmp_path, **kw)
+    with pytest.raises(S2TError, match="unknown trajectories"):
+        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "b", trajectories="both", **kw)

@@ -55,7 +55,7 @@ def test_training_moves_toward_the_teacher(labels: Path, tiny_gguf: Path, tmp_pa
     assert base["tag"] == "base" and r["best"]["agreement"] >= base["agreement"]
     trained = ad.train_adapter(labels, tiny_gguf, tmp_path / "run", cfg(epochs=4), threads=1, progress=False)
     assert trained["history"] == r["history"]  # a finished run resumes to its end: nothing redone
-    train_set = [t for t in ad.load_trajectories(labels) if t.problem_id not in r["problems"]["val_ids"]]
+    train_set = [t for t in ad.load_trajectories(labels) if t.key not in r["problems"]["val_ids"]]
     before = ad.evaluate(ad.add_lora(ad.load_slm(tiny_gguf), cfg()), train_set)
     model, report = ad.load_adapter(tmp_path / "run", tiny_gguf, "last")  # adapter.pt holds the best on validation
     assert report["best"] == r["history"][-1]
@@ -89,3 +89,42 @@ def test_killed_run_resumes_to_the_same_weights(labels: Path, tiny_gguf: Path, t
         np.testing.assert_allclose(a["lora"][k].numpy(), b["lora"][k].numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(S2TError, match="other settings"):
         ad.train_adapter(labels, tiny_gguf, broken, cfg(lr=1e-3), threads=1, progress=False)
+
+
+def test_several_label_folders(
+    labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path, tmp_path: Path
+) -> None:
+    """The teacher's trajectories and the SLM's own train one adapter: a problem sits on one side of
+    the split in both folders, and only the teacher's trajectories are filtered by their answer."""
+    own = tmp_path / "slm-labels"
+    label(
+        tiny_gguf,
+        tiny_teacher_gguf,
+        data,
+        own,
+        k=4,
+        max_tokens=16,
+        batch=3,
+        trajectories="slm",
+        threads=1,
+        progress=False,
+    )
+    trajs = ad.load_trajectories([labels, own])
+    assert len({t.key for t in trajs}) == len(trajs) == 6 and {t.source for t in trajs} == {
+        "teacher-greedy",
+        "slm-greedy",
+    }
+    c = cfg(only_correct=True)
+    train, val = ad.split(trajs, c)
+    assert not {t.problem_id for t in train} & {t.problem_id for t in val}
+    assert {t.key for t in val} == {f"{d.name}/{t.problem_id}" for t in val for d in (labels, own)}
+    assert [t for t in train if t.source == "slm-greedy"] == [
+        t for t in trajs if t.source == "slm-greedy" and t not in val
+    ]
+    assert all(t.correct for t in train if t.source == "teacher-greedy")
+    r = ad.train_adapter([labels, own], tiny_gguf, tmp_path / "run", cfg(epochs=1), threads=1, progress=False)
+    assert r["labels"] == [str(labels), str(own)] and set(r["problems"]["val_ids"]) == {t.key for t in val}
+    export = ad.adapter_export(tmp_path / "run", tiny_gguf, threads=1)
+    assert [d["dir"] for d in export.training["labels"]] == [labels.name, own.name]
+    with pytest.raises(S2TError, match="distinct names"):
+        ad.load_trajectories([labels, labels])

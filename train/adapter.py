@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class AdapterConfig:
     divergent_weight: float = 3.0
     kl_weight: float = 0.1  # KL(frozen SLM || adapted) over K candidates + the rest
     kl_positions: int = 32  # positions per trajectory where the full-vocabulary term is taken
-    only_correct: bool = True  # train on trajectories whose answer is right
+    only_correct: bool = True  # train on the teacher's trajectories whose answer is right (others: all)
     val_fraction: float = 0.05
     split: str = "hash"  # a problem is in validation by a hash of (seed, id): stable as labels grow
     seed: int = 0
@@ -51,6 +52,7 @@ class AdapterConfig:
 
 @dataclass
 class Trajectory:
+    key: str  # "<labels folder>/<problem id>": one problem may be labelled in several folders
     problem_id: str
     tokens: np.ndarray  # prompt + chosen[:-1]
     first: int  # index of the first scored position (len(prompt) - 1)
@@ -58,29 +60,43 @@ class Trajectory:
     teacher: np.ndarray  # [T, K] teacher log-probs
     base: np.ndarray  # [T, K] frozen SLM full-vocabulary log-probs
     correct: bool
+    source: str = "teacher-greedy"  # whose trajectory: teacher-greedy, slm-greedy, adapter-greedy:<sha256>
 
 
-def load_trajectories(label_dir: Path, k: int | None = None) -> list[Trajectory]:
-    """Every label file of `label_dir`, in problem-id order."""
-    paths = shard_paths(label_dir)
-    if not paths:
-        raise S2TError(f"{label_dir}: no label files; run `s2t-edge label` first")
+def label_dirs(labels: Path | Sequence[Path]) -> list[Path]:
+    """One labels folder or several (their names must differ: they prefix the trajectory keys)."""
+    dirs = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(d) for d in labels]
+    names = [d.name for d in dirs]
+    if not dirs or len(set(names)) != len(names):
+        raise S2TError(f"give one or more labels folders with distinct names (got {', '.join(names) or 'none'})")
+    return dirs
+
+
+def load_trajectories(labels: Path | Sequence[Path], k: int | None = None) -> list[Trajectory]:
+    """Every label file of the labels folder(s), folder by folder in problem-id order."""
     out = []
-    for p in paths:
-        meta, a = read_label(p)
-        kk = k or a["slm_ids"].shape[1]
-        out.append(
-            Trajectory(
-                meta["problem_id"],
-                np.concatenate([a["prompt"], a["chosen"][:-1]]).astype(np.int64),
-                len(a["prompt"]) - 1,
-                a["slm_ids"][:, :kk].astype(np.int64),
-                a["teacher_logprobs"][:, :kk].astype(np.float32),
-                a["slm_logprobs"][:, :kk].astype(np.float32),
-                bool(meta["correct"]) and meta["finish_reason"] == "stop",  # a cut answer is never "right"
-            )
-        )
+    for label_dir in label_dirs(labels):
+        paths = shard_paths(label_dir)
+        if not paths:
+            raise S2TError(f"{label_dir}: no label files; run `s2t-edge label` first")
+        out += [_trajectory(label_dir, p, k) for p in paths]
     return out
+
+
+def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory:
+    meta, a = read_label(path)
+    kk = k or a["slm_ids"].shape[1]
+    return Trajectory(
+        f"{label_dir.name}/{meta['problem_id']}",
+        meta["problem_id"],
+        np.concatenate([a["prompt"], a["chosen"][:-1]]).astype(np.int64),
+        len(a["prompt"]) - 1,
+        a["slm_ids"][:, :kk].astype(np.int64),
+        a["teacher_logprobs"][:, :kk].astype(np.float32),
+        a["slm_logprobs"][:, :kk].astype(np.float32),
+        bool(meta["correct"]) and meta["finish_reason"] == "stop",  # a cut answer is never "right"
+        meta.get("trajectories", "teacher-greedy"),  # older label files: the teacher's
+    )
 
 
 def _unit_hash(seed: int, problem_id: str) -> float:
@@ -92,7 +108,10 @@ def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory]
     """Seeded train / validation split by problem (validation keeps every trajectory). A problem
     is in validation when a hash of (seed, its id) falls below `val_fraction`, so it stays there
     however many problems are labelled: runs on more labels are measured on a superset of the
-    same validation problems."""
+    same validation problems, and a problem labelled in several folders is on one side only.
+
+    `only_correct` filters the teacher's trajectories by their answer (demonstrations); the
+    student's own trajectories are kept whatever their answer (there the teacher corrects it)."""
     if cfg.split != "hash":
         raise S2TError(f"unknown adapter split {cfg.split!r}")
     u = {t.problem_id: _unit_hash(cfg.seed, t.problem_id) for t in trajs}
@@ -100,7 +119,8 @@ def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory]
     if not any(in_val.values()):  # a handful of problems: still one to validate on
         in_val[min(u, key=u.__getitem__)] = True
     val = [t for t in trajs if in_val[t.problem_id]]
-    train = [t for t in trajs if not in_val[t.problem_id] and (t.correct or not cfg.only_correct)]
+    keep = [t.correct or not cfg.only_correct or t.source != "teacher-greedy" for t in trajs]
+    train = [t for t, ok in zip(trajs, keep) if not in_val[t.problem_id] and ok]
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]
     return train, val
@@ -206,21 +226,24 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def _check_labels(label_dir: Path, gguf: Path) -> dict:
-    """The labels' manifest settings; refused when they were made with another SLM."""
+def _check_labels(dirs: list[Path], gguf: Path) -> list[dict]:
+    """Each labels folder's manifest settings; refused when one was made with another SLM."""
     from s2t_edge.shards import read_manifest
     from s2t_edge.store import cached_sha256
 
-    settings = (read_manifest(label_dir) or {}).get("settings", {})
-    if settings.get("slm_sha256") not in (None, cached_sha256(gguf)):
-        raise S2TError(
-            f"{label_dir} was labelled with another SLM (sha256 {settings['slm_sha256'][:12]}…), not {gguf.name}"
-        )
-    return settings
+    out = []
+    for label_dir in dirs:
+        settings = (read_manifest(label_dir) or {}).get("settings", {})
+        if settings.get("slm_sha256") not in (None, cached_sha256(gguf)):
+            raise S2TError(
+                f"{label_dir} was labelled with another SLM (sha256 {settings['slm_sha256'][:12]}…), not {gguf.name}"
+            )
+        out.append(settings)
+    return out
 
 
 def train_adapter(
-    label_dir: Path,
+    labels: Path | Sequence[Path],
     gguf: Path,
     out_dir: Path,
     cfg: AdapterConfig | None = None,
@@ -229,8 +252,8 @@ def train_adapter(
     progress: bool = True,
     validate_every: int = 200,
 ) -> dict:
-    """Train (or resume) a LoRA adapter; writes `out_dir/adapter.pt` (best on validation) and
-    `report.json`. Returns the report.
+    """Train (or resume) a LoRA adapter on one labels folder or several; writes
+    `out_dir/adapter.pt` (best on validation) and `report.json`. Returns the report.
 
     A run keeps the problems it started with: labelling may go on in the same folder, and a
     resumed run still trains on exactly the first run's split (new problems wait for a new run)."""
@@ -241,28 +264,31 @@ def train_adapter(
         torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_folder(out_dir):
-        return _train(label_dir, gguf, out_dir, cfg, progress, validate_every)
+        return _train(label_dirs(labels), gguf, out_dir, cfg, progress, validate_every)
 
 
-def _train(label_dir: Path, gguf: Path, out_dir: Path, cfg: AdapterConfig, progress: bool, validate_every: int) -> dict:
+def _train(
+    dirs: list[Path], gguf: Path, out_dir: Path, cfg: AdapterConfig, progress: bool, validate_every: int
+) -> dict:
     from peft import set_peft_model_state_dict
 
-    label_settings = _check_labels(label_dir, gguf)
+    label_settings = _check_labels(dirs, gguf)
+    where = ", ".join(map(str, dirs))
     cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
     ckpt_path = out_dir / "checkpoint.pt"
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     if ck is not None and (ck["config"] != cfg_dict or ck["gguf"] != gguf.name or ck["labels"] != label_settings):
         raise S2TError(f"{out_dir} holds a run with other settings or labels; use another --out")
-    trajs = load_trajectories(label_dir)
-    if ck is not None:  # the problems the run started with, and no others
-        have = {t.problem_id: t for t in trajs}
+    trajs = load_trajectories(dirs)
+    if ck is not None:  # the trajectories the run started with, and no others
+        have = {t.key: t for t in trajs}
         missing = [p for p in ck["problems"] if p not in have]
         if missing:
-            raise S2TError(f"{label_dir} lost {len(missing)} labelled problems this run trains on (e.g. {missing[0]})")
+            raise S2TError(f"{where} lost {len(missing)} labelled problems this run trains on (e.g. {missing[0]})")
         trajs = [have[p] for p in ck["problems"]]
     train, val = split(trajs, cfg)
     if not train:
-        raise S2TError(f"{label_dir}: no training trajectories (only_correct={cfg.only_correct})")
+        raise S2TError(f"{where}: no training trajectories (only_correct={cfg.only_correct})")
     torch.manual_seed(cfg.seed)
     model = add_lora(load_slm(gguf), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -289,7 +315,7 @@ def _train(label_dir: Path, gguf: Path, out_dir: Path, cfg: AdapterConfig, progr
                 "config": cfg_dict,
                 "gguf": gguf.name,
                 "labels": label_settings,
-                "problems": [t.problem_id for t in trajs],
+                "problems": [t.key for t in trajs],
                 "lora": lora_state(model),
                 "optimizer": opt.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -343,9 +369,9 @@ def _train(label_dir: Path, gguf: Path, out_dir: Path, cfg: AdapterConfig, progr
         "config": cfg_dict,
         "gguf": gguf.name,
         "k": int(trajs[0].ids.shape[1]),
-        "labels": str(label_dir),
+        "labels": [str(d) for d in dirs],
         "label_settings": label_settings,
-        "problems": {"train": len(train), "val": len(val), "val_ids": [t.problem_id for t in val]},
+        "problems": {"train": len(train), "val": len(val), "val_ids": [t.key for t in val]},
         "best": state["best"],
         "history": state["history"],
         "seconds": round(state["seconds"], 1),
@@ -375,6 +401,12 @@ def load_adapter(run_dir: Path, gguf: Path, which: str = "best"):
     return model, report
 
 
+def run_label_dirs(report: dict) -> list[Path]:
+    """The labels folders a finished run trained on (older reports name one)."""
+    labels = report["labels"]
+    return [Path(labels)] if isinstance(labels, str) else [Path(d) for d in labels]
+
+
 def adapter_export(run_dir: Path, gguf: Path, *, which: str = "best", threads: int | None = None, n_prompts: int = 8):
     """What `export_bundle` needs for a trained adapter: the model, held-out token sequences for
     the export check (validation problems' prompts with the teacher's answers — the positions the
@@ -387,14 +419,14 @@ def adapter_export(run_dir: Path, gguf: Path, *, which: str = "best", threads: i
     if threads:
         torch.set_num_threads(threads)
     model, report = load_adapter(run_dir, gguf, which)
-    label_dir = Path(report["labels"])
+    dirs = {d.name: d for d in run_label_dirs(report)}
     prompts = []
-    for pid in report["problems"]["val_ids"][:n_prompts]:
-        _, a = read_label(label_dir / shard_name(pid))
+    for key in report["problems"]["val_ids"][:n_prompts]:
+        folder, pid = key.rsplit("/", 1) if "/" in key else (next(iter(dirs)), key)
+        _, a = read_label(dirs[folder] / shard_name(pid))
         prompts.append([*a["prompt"].tolist(), *a["chosen"].tolist()])
-    manifest = read_manifest(label_dir) or {}
     training = {
-        "labels": {"dir": label_dir.name, **manifest},
+        "labels": [{"dir": name, **(read_manifest(d) or {})} for name, d in dirs.items()],
         "config": report["config"],
         "problems": {k: v for k, v in report["problems"].items() if k != "val_ids"},
         "metrics": report["best"],

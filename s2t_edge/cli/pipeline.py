@@ -81,11 +81,24 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
     show_default=True,
     help="Problems decoded at once (on 2 CPU cores 64 labelled no faster than 16).",
 )
+@click.option(
+    "--trajectories",
+    type=click.Choice(["teacher", "slm"]),
+    default="teacher",
+    show_default=True,
+    help="Whose greedy answers are labelled: the teacher's, or the SLM's own (teacher-scored by prefill).",
+)
+@click.option(
+    "--bundle",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --trajectories slm: decode under this bundle's LoRA adapter (its own states).",
+)
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
-def label(slm, teacher, data, out, limit, k, max_tokens, batch, threads, gpu_layers, pull):
-    """Compact teacher labels over the SLM's top-K on the teacher's own trajectories (for `train --adapter`)."""
+def label(slm, teacher, data, out, limit, k, max_tokens, batch, trajectories, bundle, threads, gpu_layers, pull):
+    """Compact teacher labels over the SLM's top-K at every position of a trajectory (for `train --labels`)."""
     from s2t_edge.label import label as run
     from s2t_edge.store import resolve_model
 
@@ -98,6 +111,8 @@ def label(slm, teacher, data, out, limit, k, max_tokens, batch, threads, gpu_lay
         k=k,
         max_tokens=max_tokens,
         batch=batch,
+        trajectories=trajectories,
+        bundle=bundle,
         threads=threads,
         gpu_layers=gpu_layers,
     )
@@ -129,7 +144,7 @@ def coverage(groups, as_json, plot):
 @click.argument("labels", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def labels_cmd(labels, as_json):
-    """What a labels folder holds: problems, teacher accuracy, local sufficiency on its trajectories."""
+    """What a labels folder holds: problems, their trajectories' accuracy, local sufficiency on them."""
     from s2t_edge.label import summarize_labels
 
     r = summarize_labels(labels)
@@ -137,7 +152,8 @@ def labels_cmd(labels, as_json):
         click.echo(json.dumps(r, indent=2))
         return
     line = (
-        f"{r['problems']} problems ({r['truncated']} cut at max tokens), teacher accuracy {r['teacher_accuracy']:.1%}; "
+        f"{r['problems']} problems ({r['truncated']} cut at max tokens), "
+        f"{r['trajectories']} trajectories, accuracy {r['accuracy']:.1%}; "
         f"{r['positions']} positions, the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}"
     )
     if r["at_divergence_rank2"] is not None:

@@ -26,7 +26,12 @@ def need_training_extra() -> None:
 
 @click.command()
 @click.option("--groups", type=click.Path(path_type=Path), help="Groups from `s2t-edge collect` (trains the reranker).")
-@click.option("--labels", type=click.Path(path_type=Path), help="Labels from `s2t-edge label` (trains a LoRA adapter).")
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Labels from `s2t-edge label` (trains a LoRA adapter); repeat to train on several folders.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory (resumable).")
 @click.option("--slm", default=None, help="The SLM the data came from (registry name or .gguf path).")
 @click.option("--k", type=click.IntRange(2, 32), default=8, show_default=True)
@@ -41,7 +46,7 @@ def need_training_extra() -> None:
 )
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adapter: default 1e-4.")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=0.1, show_default=True, help="Adapter only.")
-@click.option("--all-trajectories", is_flag=True, help="Adapter: also train on trajectories with a wrong answer.")
+@click.option("--all-trajectories", is_flag=True, help="Adapter: also the teacher's trajectories with a wrong answer.")
 @click.option("--max-problems", type=click.IntRange(min=1), default=None, help="Adapter: first N training problems.")
 @click.option(
     "--targets",
@@ -75,7 +80,7 @@ def train(
     as_json,
 ):
     """Distill the teacher's selection: into the tiny reranker (--groups) or a LoRA adapter (--labels)."""
-    if (groups is None) == (labels is None):
+    if (groups is None) == (not labels):
         raise click.UsageError("give --groups (reranker) or --labels (adapter)")
     ctx = click.get_current_context()
     given = {n for n in ctx.params if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT}
@@ -86,7 +91,7 @@ def train(
     need_training_extra()
     from s2t_edge.store import resolve_model
 
-    if labels is not None:
+    if labels:
         from s2t_edge.train.adapter import TARGETS, AdapterConfig, train_adapter
 
         cfg = AdapterConfig(
