@@ -13,11 +13,13 @@ from s2t_edge.label import TEACHER_TOP, label, read_label, summarize_labels
 from s2t_edge.shards import shard_paths
 from s2t_edge.teacher import log_softmax
 
+TINY = {"k": 4, "max_tokens": 12, "batch": 2, "threads": 1, "progress": False}
+
 
 @pytest.fixture(scope="module")
 def labels(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> Path:
     out = tmp_path_factory.mktemp("labels")
-    label(tiny_gguf, tiny_teacher_gguf, data, out, k=4, max_tokens=12, batch=2, threads=1, progress=False)
+    label(tiny_gguf, tiny_teacher_gguf, data, out, **TINY)
     return out
 
 
@@ -51,10 +53,10 @@ def test_summary_and_resume(labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Pa
     assert s["problems"] == 3 and s["k"] == 4 and 0 <= s["divergence_rate"] <= 1
     assert s["positions"] == sum(read_label(p)[0]["tokens"] for p in shard_paths(labels))
     before = {p.name: p.stat().st_mtime_ns for p in shard_paths(labels)}
-    label(tiny_gguf, tiny_teacher_gguf, data, labels, k=4, max_tokens=12, batch=2, threads=1, progress=False)
+    label(tiny_gguf, tiny_teacher_gguf, data, labels, **TINY)
     assert {p.name: p.stat().st_mtime_ns for p in shard_paths(labels)} == before  # nothing relabelled
     with pytest.raises(S2TError, match="other settings \\(k\\)"):
-        label(tiny_gguf, tiny_teacher_gguf, data, labels, k=3, max_tokens=12, batch=2, threads=1, progress=False)
+        label(tiny_gguf, tiny_teacher_gguf, data, labels, **{**TINY, "k": 3})
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +64,7 @@ def slm_labels_dir(
     tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path
 ) -> Path:
     out = tmp_path_factory.mktemp("slm-labels")
-    label(
-        tiny_gguf,
-        tiny_teacher_gguf,
-        data,
-        out,
-        k=4,
-        max_tokens=12,
-        batch=2,
-        trajectories="slm",
-        threads=1,
-        progress=False,
-    )
+    label(tiny_gguf, tiny_teacher_gguf, data, out, trajectories="slm", **TINY)
     return out
 
 
@@ -116,19 +107,7 @@ def test_adapter_trajectories(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf
 
     bundle = adapter_bundle(tmp_path / "bundle", tiny_gguf)
     out = tmp_path / "labels"
-    label(
-        tiny_gguf,
-        tiny_teacher_gguf,
-        data,
-        out,
-        k=4,
-        max_tokens=12,
-        batch=2,
-        trajectories="slm",
-        bundle=bundle,
-        threads=1,
-        progress=False,
-    )
+    label(tiny_gguf, tiny_teacher_gguf, data, out, trajectories="slm", bundle=bundle, **TINY)
     b = load_bundle(bundle)
     with Engine(tiny_gguf, n_ctx=256, n_threads=1) as adapted:
         adapted.load_lora(b.adapter_path, b.adapter_scale)
@@ -137,10 +116,9 @@ def test_adapter_trajectories(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf
 
 
 def test_label_refusals(tmp_path: Path, labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
-    kw = dict(k=4, max_tokens=12, batch=2, threads=1, progress=False)
     with pytest.raises(S2TError, match="other settings \\(trajectories\\)"):
-        label(tiny_gguf, tiny_teacher_gguf, data, labels, trajectories="slm", **kw)
+        label(tiny_gguf, tiny_teacher_gguf, data, labels, trajectories="slm", **TINY)
     with pytest.raises(S2TError, match="use it with --trajectories slm"):
-        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "a", bundle=tmp_path, **kw)
+        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "a", bundle=tmp_path, **TINY)
     with pytest.raises(S2TError, match="unknown trajectories"):
-        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "b", trajectories="both", **kw)
+        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "b", trajectories="both", **TINY)
