@@ -10,7 +10,6 @@ its general behaviour. Checkpoints are small and atomic; a killed run resumes wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,11 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from s2t_edge.train.trajectories import (  # noqa: F401  (split, run_label_dirs: part of this module's API)
+    Trajectory,
+    check_labels,
+    label_dirs,
+    load_trajectories,
+    run_label_dirs,
+    split,
+)
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import read_label
 from s2t_edge.progress import Progress
-from s2t_edge.shards import shard_paths
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -48,82 +54,6 @@ class AdapterConfig:
     max_problems: int | None = None
     checkpoint_every: int = 50  # trajectories
     targets: tuple[str, ...] = field(default=TARGETS)
-
-
-@dataclass
-class Trajectory:
-    key: str  # "<labels folder>/<problem id>": one problem may be labelled in several folders
-    problem_id: str
-    tokens: np.ndarray  # prompt + chosen[:-1]
-    first: int  # index of the first scored position (len(prompt) - 1)
-    ids: np.ndarray  # [T, K]
-    teacher: np.ndarray  # [T, K] teacher log-probs
-    base: np.ndarray  # [T, K] frozen SLM full-vocabulary log-probs
-    correct: bool
-    source: str = "teacher-greedy"  # whose trajectory: teacher-greedy, slm-greedy, adapter-greedy:<sha256>
-
-
-def label_dirs(labels: Path | Sequence[Path]) -> list[Path]:
-    """One labels folder or several (their names must differ: they prefix the trajectory keys)."""
-    dirs = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(d) for d in labels]
-    names = [d.name for d in dirs]
-    if not dirs or len(set(names)) != len(names):
-        raise S2TError(f"give one or more labels folders with distinct names (got {', '.join(names) or 'none'})")
-    return dirs
-
-
-def load_trajectories(labels: Path | Sequence[Path], k: int | None = None) -> list[Trajectory]:
-    """Every label file of the labels folder(s), folder by folder in problem-id order."""
-    out = []
-    for label_dir in label_dirs(labels):
-        paths = shard_paths(label_dir)
-        if not paths:
-            raise S2TError(f"{label_dir}: no label files; run `s2t-edge label` first")
-        out += [_trajectory(label_dir, p, k) for p in paths]
-    return out
-
-
-def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory:
-    meta, a = read_label(path)
-    kk = k or a["slm_ids"].shape[1]
-    return Trajectory(
-        f"{label_dir.name}/{meta['problem_id']}",
-        meta["problem_id"],
-        np.concatenate([a["prompt"], a["chosen"][:-1]]).astype(np.int64),
-        len(a["prompt"]) - 1,
-        a["slm_ids"][:, :kk].astype(np.int64),
-        a["teacher_logprobs"][:, :kk].astype(np.float32),
-        a["slm_logprobs"][:, :kk].astype(np.float32),
-        bool(meta["correct"]) and meta["finish_reason"] == "stop",  # a cut answer is never "right"
-        meta.get("trajectories", "teacher-greedy"),  # older label files: the teacher's
-    )
-
-
-def _unit_hash(seed: int, problem_id: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory], list[Trajectory]]:
-    """Seeded train / validation split by problem (validation keeps every trajectory). A problem
-    is in validation when a hash of (seed, its id) falls below `val_fraction`, so it stays there
-    however many problems are labelled: runs on more labels are measured on a superset of the
-    same validation problems, and a problem labelled in several folders is on one side only.
-
-    `only_correct` filters the teacher's trajectories by their answer (demonstrations); the
-    student's own trajectories are kept whatever their answer (there the teacher corrects it)."""
-    if cfg.split != "hash":
-        raise S2TError(f"unknown adapter split {cfg.split!r}")
-    u = {t.problem_id: _unit_hash(cfg.seed, t.problem_id) for t in trajs}
-    in_val = {pid: x < cfg.val_fraction for pid, x in u.items()}
-    if not any(in_val.values()):  # a handful of problems: still one to validate on
-        in_val[min(u, key=u.__getitem__)] = True
-    val = [t for t in trajs if in_val[t.problem_id]]
-    keep = [t.correct or not cfg.only_correct or t.source != "teacher-greedy" for t in trajs]
-    train = [t for t, ok in zip(trajs, keep) if not in_val[t.problem_id] and ok]
-    if cfg.max_problems is not None:
-        train = train[: cfg.max_problems]
-    return train, val
 
 
 def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
@@ -226,22 +156,6 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def _check_labels(dirs: list[Path], gguf: Path) -> list[dict]:
-    """Each labels folder's manifest settings; refused when one was made with another SLM."""
-    from s2t_edge.shards import read_manifest
-    from s2t_edge.store import cached_sha256
-
-    out = []
-    for label_dir in dirs:
-        settings = (read_manifest(label_dir) or {}).get("settings", {})
-        if settings.get("slm_sha256") not in (None, cached_sha256(gguf)):
-            raise S2TError(
-                f"{label_dir} was labelled with another SLM (sha256 {settings['slm_sha256'][:12]}…), not {gguf.name}"
-            )
-        out.append(settings)
-    return out
-
-
 def train_adapter(
     labels: Path | Sequence[Path],
     gguf: Path,
@@ -272,7 +186,7 @@ def _train(
 ) -> dict:
     from peft import set_peft_model_state_dict
 
-    label_settings = _check_labels(dirs, gguf)
+    label_settings = check_labels(dirs, gguf)
     where = ", ".join(map(str, dirs))
     cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
     ckpt_path = out_dir / "checkpoint.pt"
@@ -399,12 +313,6 @@ def load_adapter(run_dir: Path, gguf: Path, which: str = "best"):
     set_peft_model_state_dict(model, ck["lora"])
     model.eval()
     return model, report
-
-
-def run_label_dirs(report: dict) -> list[Path]:
-    """The labels folders a finished run trained on (older reports name one)."""
-    labels = report["labels"]
-    return [Path(labels)] if isinstance(labels, str) else [Path(d) for d in labels]
 
 
 def adapter_export(run_dir: Path, gguf: Path, *, which: str = "best", threads: int | None = None, n_prompts: int = 8):
