@@ -218,9 +218,6 @@ def label(
         done = {p.name for p in shard_paths(out_dir)}
         todo = [p for p in problems if shard_name(p.id) not in done]
         with contextlib.ExitStack() as stack:  # closes whichever engines were opened, however this ends
-            slm = stack.enter_context(
-                Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
-            )
             # A cache per sequence: with one unified cache every token attends over all sequences' cells
             # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
             # sequences stay consecutive and a step is still one ubatch.
@@ -236,6 +233,12 @@ def label(
             )
             if b is not None:
                 decoder.load_lora(b.adapter_path, b.adapter_scale)
+            if trajectories == "slm" and b is None:
+                slm = decoder  # the base SLM decodes: its top-K come straight from the decode
+            else:  # one more prefill per answer for the base SLM's top-K
+                slm = stack.enter_context(
+                    Engine(slm_path, n_ctx=max_tokens + 2048, n_threads=threads, n_gpu_layers=gpu_layers)
+                )
             if trajectories == "teacher":
                 teacher = decoder
             else:
