@@ -187,6 +187,10 @@ def test_compare_restricts_to_common_ids(tmp_path):
     assert rows[0]["correct"] == 1 and rows[1]["correct"] == 3
     assert rows[0]["s_per_problem"] == 1.0 and rows[1]["s_per_problem"] == 3.0
     assert "3.00×" in format_table(rows)
+    first = compare_runs([tmp_path / "g", tmp_path / "s"], only={"p0", "p1", "p2"})  # e.g. the first N
+    assert all(r["n"] == 2 and r["n_common"] == 2 for r in first)  # p1, p2: p0 is not in both
+    with pytest.raises(S2TError, match="none of the problems"):
+        compare_runs([tmp_path / "g", tmp_path / "s"], only={"p0", "p9"})
 
 
 def test_compare_errors(tmp_path):

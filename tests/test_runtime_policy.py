@@ -291,6 +291,11 @@ def test_cli_eval_and_compare(tmp_path: Path, tiny_gguf: Path, data: Path) -> No
     (cmp,) = json.loads(r.stdout)
     assert cmp["policy"] == "greedy" and cmp["n"] == cmp["n_common"] == 2
     assert cmp["correct"] == row["correct"]
+    r = CliRunner().invoke(main, ["eval", "compare", str(out), "--data", str(data), "--limit", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["n"] == 1  # the first problem of the data file only
+    r = CliRunner().invoke(main, ["eval", "compare", str(out), "--limit", "1"])
+    assert r.exit_code == 2 and "go together" in r.stderr
     r = CliRunner().invoke(main, args(MAX_TOKENS + 1))
     assert r.exit_code == 1 and "different settings" in r.stderr
 

@@ -3,6 +3,7 @@ adapter toward the teacher, and a run killed half-way resumes to the very weight
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from s2t_edge.train import adapter as ad
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import label
+from tests.hostile import cli, refused
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,29 @@ def test_several_label_folders(
     assert [d["dir"] for d in export.training["labels"]] == [labels.name, own.name]
     with pytest.raises(S2TError, match="distinct names"):
         ad.load_trajectories([labels, labels])
+
+
+def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """`keys` (train --problems-of) trains on exactly the trajectories named, in that order: a run
+    given another run's keys reaches its very weights; a folder that lacks one is refused."""
+    first = ad.train_adapter(labels, tiny_gguf, tmp_path / "first", cfg(epochs=1), threads=1, progress=False)
+    keys = first["problems"]["keys"]
+    assert keys == [t.key for t in ad.load_trajectories(labels)]
+    fewer = ad.train_adapter(labels, tiny_gguf, tmp_path / "fewer", cfg(), threads=1, progress=False, keys=keys[1:])
+    assert fewer["problems"]["keys"] == keys[1:]
+    same = ad.train_adapter(labels, tiny_gguf, tmp_path / "same", cfg(epochs=1), threads=1, progress=False, keys=keys)
+    assert same["problems"] == first["problems"]
+    a = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=False)["lora"]
+    b = torch.load(tmp_path / "same" / "checkpoint.pt", weights_only=False)["lora"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    with pytest.raises(S2TError, match="lacks 1 labelled problems"):
+        ad.train_adapter(labels, tiny_gguf, tmp_path / "bad", cfg(), threads=1, progress=False, keys=[*keys, "x/y:9"])
+    old = tmp_path / "old-report.json"  # a report from before the keys were recorded
+    old.write_text('{"problems": {"train": 2, "val": 1}}')
+    args = ["train", "--labels", labels, "--slm", tiny_gguf, "--rank", "4", "--all-trajectories", "--threads", "1"]
+    args.append("--json")
+    refused(cli(*args, "--problems-of", old, "--out", tmp_path / "x"), "an old report", "lists its problems")
+    r = cli(*args, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
+    assert r.code == 0, r.stderr
+    assert json.loads(r.stdout)["problems"]["keys"] == keys[1:]

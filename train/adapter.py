@@ -165,12 +165,15 @@ def train_adapter(
     threads: int | None = None,
     progress: bool = True,
     validate_every: int = 200,
+    keys: Sequence[str] | None = None,
 ) -> dict:
     """Train (or resume) a LoRA adapter on one labels folder or several; writes
     `out_dir/adapter.pt` (best on validation) and `report.json`. Returns the report.
 
     A run keeps the problems it started with: labelling may go on in the same folder, and a
-    resumed run still trains on exactly the first run's split (new problems wait for a new run)."""
+    resumed run still trains on exactly the first run's split (new problems wait for a new run).
+    `keys` (a report's `problems.keys`) restricts a new run to the trajectories another run had:
+    a bundle is rebuilt from folders that have grown since."""
     from s2t_edge.locks import lock_folder
 
     cfg = cfg or AdapterConfig()
@@ -178,11 +181,26 @@ def train_adapter(
         torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_folder(out_dir):
-        return _train(label_dirs(labels), gguf, out_dir, cfg, progress, validate_every)
+        return _train(label_dirs(labels), gguf, out_dir, cfg, progress, validate_every, keys)
+
+
+def _only(trajs: list[Trajectory], keys: Sequence[str], where: str) -> list[Trajectory]:
+    """The trajectories named by `keys`, in that order; refused when a folder lacks one."""
+    have = {t.key: t for t in trajs}
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise S2TError(f"{where} lacks {len(missing)} labelled problems this run trains on (e.g. {missing[0]})")
+    return [have[k] for k in keys]
 
 
 def _train(
-    dirs: list[Path], gguf: Path, out_dir: Path, cfg: AdapterConfig, progress: bool, validate_every: int
+    dirs: list[Path],
+    gguf: Path,
+    out_dir: Path,
+    cfg: AdapterConfig,
+    progress: bool,
+    validate_every: int,
+    keys: Sequence[str] | None,
 ) -> dict:
     from peft import set_peft_model_state_dict
 
@@ -195,11 +213,9 @@ def _train(
         raise S2TError(f"{out_dir} holds a run with other settings or labels; use another --out")
     trajs = load_trajectories(dirs)
     if ck is not None:  # the trajectories the run started with, and no others
-        have = {t.key: t for t in trajs}
-        missing = [p for p in ck["problems"] if p not in have]
-        if missing:
-            raise S2TError(f"{where} lost {len(missing)} labelled problems this run trains on (e.g. {missing[0]})")
-        trajs = [have[p] for p in ck["problems"]]
+        trajs = _only(trajs, ck["problems"], where)
+    elif keys is not None:
+        trajs = _only(trajs, keys, where)
     train, val = split(trajs, cfg)
     if not train:
         raise S2TError(f"{where}: no training trajectories (only_correct={cfg.only_correct})")
@@ -285,7 +301,12 @@ def _train(
         "k": int(trajs[0].ids.shape[1]),
         "labels": [str(d) for d in dirs],
         "label_settings": label_settings,
-        "problems": {"train": len(train), "val": len(val), "val_ids": [t.key for t in val]},
+        "problems": {
+            "train": len(train),
+            "val": len(val),
+            "val_ids": [t.key for t in val],
+            "keys": [t.key for t in trajs],  # every trajectory the run had: `train --problems-of`
+        },
         "best": state["best"],
         "history": state["history"],
         "seconds": round(state["seconds"], 1),

@@ -156,15 +156,22 @@ def eval_group(
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Accuracy vs cost per problem, as PNG.")
-def compare(dirs, as_json, plot):
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="With --limit: the runs' JSONL problems.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N problems of --data.")
+def compare(dirs, as_json, plot, data, limit):
     """One table across runs, restricted to the problems they all finished."""
     from s2t_edge.eval.compare import compare_runs, plot_compare
+    from s2t_edge.eval.data import load_problems
     from s2t_edge.eval.results import format_table
+
+    if (data is None) != (limit is None):
+        raise click.UsageError("--data and --limit go together (the first N problems of that file)")
+    only = None if data is None else {p.id for p in load_problems(data, limit=limit, skip_bad=True)[0]}
 
     expanded = []
     for d in dirs:  # a parent eval --out folder stands for all its policy folders
         expanded += sorted(p.parent for p in d.glob("*/settings.json")) if not (d / "settings.json").exists() else [d]
-    rows = compare_runs(expanded)
+    rows = compare_runs(expanded, only)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows))
     if plot:
         plot_compare(rows, plot)

@@ -10,7 +10,7 @@ import click
 from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
-ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "targets"}  # adapter-only options
+ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "problems_of", "targets"}  # adapter-only options
 
 
 def need_training_extra() -> None:
@@ -22,6 +22,17 @@ def need_training_extra() -> None:
         raise S2TError(
             "this command needs the training extra: pip install torch==2.13.0 && pip install 's2t-edge[train]'"
         ) from e
+
+
+def report_keys(path: Path) -> list[str]:
+    """The trajectory keys a training report lists (reports from before they were recorded: none)."""
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))["problems"]["keys"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise S2TError(f"{path}: not a training report that lists its problems ({e.__class__.__name__})") from e
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise S2TError(f"{path}: problems.keys is not a list of trajectory keys")
+    return keys
 
 
 @click.command()
@@ -49,6 +60,13 @@ def need_training_extra() -> None:
 @click.option("--all-trajectories", is_flag=True, help="Adapter: also the teacher's trajectories with a wrong answer.")
 @click.option("--max-problems", type=click.IntRange(min=1), default=None, help="Adapter: first N training problems.")
 @click.option(
+    "--problems-of",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Adapter: train on exactly the labelled trajectories of the run in this report "
+    "(a bundle's train-report.json): rebuilds it from folders that have grown since.",
+)
+@click.option(
     "--targets",
     type=click.Choice(["all", "attention"]),
     default=None,
@@ -74,6 +92,7 @@ def train(
     kl_weight,
     all_trajectories,
     max_problems,
+    problems_of,
     targets,
     seed,
     threads,
@@ -106,7 +125,8 @@ def train(
             seed=seed,
             targets=TARGETS[:4] if targets == "attention" else TARGETS,
         )
-        r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads)
+        keys = None if problems_of is None else report_keys(problems_of)
+        r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
         if as_json:
             click.echo(json.dumps(r, indent=2))
             return

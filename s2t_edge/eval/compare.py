@@ -10,8 +10,9 @@ from s2t_edge.errors import S2TError
 from s2t_edge.eval.results import RESULTS_FILE, SETTINGS_FILE, read_records, summarize
 
 
-def compare_runs(dirs: list[Path]) -> list[dict]:
-    """One summary row per results dir, all recomputed on the problem ids common to every run.
+def compare_runs(dirs: list[Path], only: set[str] | None = None) -> list[dict]:
+    """One summary row per results dir, all recomputed on the problem ids common to every run
+    (and in `only`, when given: e.g. the first 100 problems of the data file).
 
     Each row also has "dir", "label" (policy, plus the dir name when policies repeat),
     "settings", "n_total" (problems in that run) and "n_common" (ids shared by all runs).
@@ -31,6 +32,10 @@ def compare_runs(dirs: list[Path]) -> list[dict]:
     common = set.intersection(*({str(r.get("id")) for r in recs} for _, _, recs in runs))
     if not common:
         raise S2TError("the runs share no problem ids; were they run on the same data file?")
+    if only is not None:
+        common &= only
+        if not common:
+            raise S2TError("none of the problems asked for is in every run")
     policies = [s.get("policy") or d.name for d, s, _ in runs]
     base = _correct_by_id(runs[policies.index("greedy")][2], common) if "greedy" in policies else None
     rows = []
