@@ -171,6 +171,7 @@ def label(
     out_dir: Path,
     *,
     limit: int | None = None,
+    skip: int = 0,
     k: int = 8,
     max_tokens: int = 400,
     batch: int = 16,
@@ -180,7 +181,8 @@ def label(
     gpu_layers: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Label the first `limit` problems of `data` into `out_dir` (resumable). Returns the manifest.
+    """Label the first `limit` problems of `data`, less the first `skip`, into `out_dir` (resumable).
+    Returns the manifest.
 
     `trajectories`: "teacher" (the teacher's greedy answers) or "slm" (the SLM's own greedy
     answers, i.e. the states it visits when it decodes alone; with `bundle`, those of the SLM
@@ -196,6 +198,9 @@ def label(
             raise S2TError(f"{bundle}: this bundle has no LoRA adapter to decode with")
         b.check_slm(slm_path)
     problems, _ = load_problems(data, limit=limit)
+    if skip >= len(problems):
+        raise S2TError(f"--skip {skip} leaves none of the {len(problems)} problems to label")
+    problems = problems[skip:]
     kind = "teacher-greedy" if trajectories == "teacher" else "slm-greedy"
     settings = {
         "slm_sha256": cached_sha256(slm_path),  # hashed once per file, not at every resume

@@ -122,3 +122,16 @@ def test_label_refusals(tmp_path: Path, labels: Path, tiny_gguf: Path, tiny_teac
         label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "a", bundle=tmp_path, **TINY)
     with pytest.raises(S2TError, match="unknown trajectories"):
         label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "b", trajectories="both", **TINY)
+
+
+def test_skip_labels_a_later_stretch(
+    tmp_path: Path, labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path
+) -> None:
+    out = tmp_path / "later"
+    label(tiny_gguf, tiny_teacher_gguf, data, out, skip=2, **TINY)
+    assert [p.name for p in shard_paths(out)] == [p.name for p in shard_paths(labels)][2:]
+    _, a = read_label(shard_paths(out)[0])
+    _, b = read_label(shard_paths(labels)[2])
+    assert np.array_equal(a["prompt"], b["prompt"])  # the same problem, not the first one again
+    with pytest.raises(S2TError, match="--skip 3 leaves none of the 3 problems"):
+        label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "none", skip=3, **TINY)

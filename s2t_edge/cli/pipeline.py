@@ -72,6 +72,9 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="JSONL problems (GSM8K format).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Labels directory (resumable).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N problems only.")
+@click.option(
+    "--skip", type=click.IntRange(min=0), default=0, help="Leave out the first N problems (label a later stretch)."
+)
 @click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True)
 @click.option(
@@ -97,7 +100,7 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
-def label(slm, teacher, data, out, limit, k, max_tokens, batch, trajectories, bundle, threads, gpu_layers, pull):
+def label(slm, teacher, data, out, limit, skip, k, max_tokens, batch, trajectories, bundle, threads, gpu_layers, pull):
     """Compact teacher labels over the SLM's top-K at every position of a trajectory (for `train --labels`)."""
     from s2t_edge.label import label as run
     from s2t_edge.store import resolve_model
@@ -108,6 +111,7 @@ def label(slm, teacher, data, out, limit, k, max_tokens, batch, trajectories, bu
         data,
         out,
         limit=limit,
+        skip=skip,
         k=k,
         max_tokens=max_tokens,
         batch=batch,
