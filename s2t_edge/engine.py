@@ -161,6 +161,16 @@ class Engine:
         self._lora = LoraAdapter(self._model, self.path.name, path, scale)
         self.use_lora(True)
 
+    def set_lora_scale(self, scale: float) -> None:
+        """Scale the loaded adapter's update (0 gives the base model's logits, 2 doubles the
+        update); the KV cache was computed at the old scale, so it is dropped."""
+        if not self._lora:
+            raise S2TError(f"{self.path.name}: no LoRA adapter loaded")
+        self._lora.scale = float(scale)
+        if self.lora_on:
+            self._lora.apply(self._ctx, True)
+            self.reset()
+
     @property
     def lora_path(self) -> Path | None:
         """The loaded adapter's file, or None."""

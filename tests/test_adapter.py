@@ -138,6 +138,34 @@ def test_adapter_changes_logits_and_switches(tiny_gguf: Path, exported: Path, mo
         np.testing.assert_array_equal(logits_of(e, text), adapted)
 
 
+def test_adapter_scale(tmp_path: Path, tiny_gguf: Path, exported: Path) -> None:
+    """Scale s computes what an adapter with s times the update does; 0 is the base model."""
+    doubled_model = peft_lora(tiny_gguf)  # the model `exported` was written from, B doubled
+    with torch.no_grad():
+        for name, p in doubled_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(2)
+    doubled, _ = export_lora(doubled_model, tiny_gguf, tmp_path / "x2.gguf", dtype="f32")
+    text = PROMPTS[1]
+    with (
+        Engine(tiny_gguf, n_ctx=128, n_threads=1) as base,
+        Engine(tiny_gguf, n_ctx=128, n_threads=1, lora=exported) as e,
+        Engine(tiny_gguf, n_ctx=128, n_threads=1, lora=doubled) as e2,
+    ):
+        b, adapted = logits_of(base, text), logits_of(e, text)
+        e.set_lora_scale(0.0)
+        assert e.n_past == 0  # the cache was computed at the old scale
+        np.testing.assert_allclose(logits_of(e, text), b, atol=1e-4)
+        e.set_lora_scale(2.0)
+        twice = logits_of(e, text)
+        assert np.abs(twice - adapted).max() > 0.1
+        np.testing.assert_allclose(twice, logits_of(e2, text), atol=5e-3)
+        e.set_lora_scale(1.0)
+        np.testing.assert_array_equal(logits_of(e, text), adapted)
+        with pytest.raises(S2TError, match="no LoRA adapter loaded"):
+            base.set_lora_scale(0.5)
+
+
 def test_zero_adapter_equals_base(tmp_path: Path, tiny_gguf: Path) -> None:
     zero = peft_lora(tiny_gguf, b_std=0)  # peft's own init: B = 0
     path, lora = export_lora(zero, tiny_gguf, tmp_path / "zero.gguf", dtype="f32")
