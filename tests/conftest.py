@@ -104,6 +104,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_labels(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> Path:
+    """`s2t-edge label` on the tiny models: the teacher's trajectories of the tiny problems (K = 4)."""
+    from s2t_edge.label import label
+
+    out = tmp_path_factory.mktemp("labels")
+    label(tiny_gguf, tiny_teacher_gguf, data, out, k=4, max_tokens=16, batch=3, threads=1, progress=False)
+    return out
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The hostile inputs the fuzz and kill-and-resume suites tried, by class (tests/hostile.py)."""
     import sys

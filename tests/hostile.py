@@ -81,3 +81,17 @@ def refused(r: Run, what: str = "", match: str | None = None) -> str:
     if match:
         assert match in line, f"{what}: {line!r} does not mention {match!r}"
     return line
+
+
+def interrupt_on_call(monkeypatch, owner: object, name: str, n: int) -> None:
+    """Make `owner.name` raise KeyboardInterrupt on its n-th call (a Ctrl-C half-way through a run)."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def dies(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, name, dies)

@@ -13,14 +13,12 @@ from s2t_edge.train import adapter as ad
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import label
-from tests.hostile import cli, refused
+from tests.hostile import cli, interrupt_on_call, refused
 
 
 @pytest.fixture(scope="module")
-def labels(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> Path:
-    out = tmp_path_factory.mktemp("labels")
-    label(tiny_gguf, tiny_teacher_gguf, data, out, k=4, max_tokens=16, batch=3, threads=1, progress=False)
-    return out
+def labels(tiny_labels: Path) -> Path:
+    return tiny_labels
 
 
 def cfg(**kw) -> ad.AdapterConfig:
@@ -69,16 +67,8 @@ def test_killed_run_resumes_to_the_same_weights(labels: Path, tiny_gguf: Path, t
     whole = tmp_path / "whole"
     ad.train_adapter(labels, tiny_gguf, whole, cfg(), threads=1, progress=False)
     real = ad.losses
-    calls = {"n": 0}
-
-    def dies_after_three(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
     broken = tmp_path / "broken"
-    monkeypatch.setattr(ad, "losses", dies_after_three)
+    interrupt_on_call(monkeypatch, ad, "losses", 4)
     with pytest.raises(KeyboardInterrupt):
         ad.train_adapter(labels, tiny_gguf, broken, cfg(), threads=1, progress=False)
     monkeypatch.setattr(ad, "losses", real)

@@ -28,6 +28,7 @@ from s2t_edge.train.trajectories import (  # noqa: F401  (split, run_label_dirs:
     run_label_dirs,
     split,
 )
+from s2t_edge.train.trunk import TrunkCache, decoder, final_hidden, split_layer
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import read_label
@@ -54,6 +55,7 @@ class AdapterConfig:
     max_problems: int | None = None
     checkpoint_every: int = 50  # trajectories
     targets: tuple[str, ...] = field(default=TARGETS)
+    layers: int | None = None  # LoRA on the top N decoder layers only (the frozen ones below are cached)
 
 
 def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
@@ -66,24 +68,31 @@ def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
 def add_lora(model, cfg: AdapterConfig):
     from peft import LoraConfig, get_peft_model
 
+    top = None if cfg.layers is None else list(range(split_layer(model, cfg.layers), len(decoder(model).layers)))
     lc = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.targets),
+        bias="none",
+        layers_to_transform=top,
     )
     return get_peft_model(model, lc)
 
 
-def candidate_logits(model, t: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_logits(model, t: Trajectory, trunk: TrunkCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(final hidden states at the scored positions [T, H], candidate logits [T, K])."""
-    inner = model.get_base_model()
-    h = inner.model(input_ids=torch.from_numpy(t.tokens)[None]).last_hidden_state[0, t.first :]
-    w = inner.lm_head.weight
+    h = final_hidden(model, t.tokens, trunk)[t.first :]
+    w = model.get_base_model().lm_head.weight
     ids = torch.from_numpy(t.ids)
     return h, torch.einsum("td,tkd->tk", h, w[ids])
 
 
-def losses(model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def losses(
+    model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator, trunk: TrunkCache | None = None
+) -> dict[str, torch.Tensor]:
     """Listwise selection loss (+ top-1 CE) toward the teacher, and the KL to the frozen SLM."""
-    h, logits = candidate_logits(model, t)
+    h, logits = candidate_logits(model, t, trunk)
     return selection_losses(model, h, logits, t, cfg, rng)
 
 
@@ -119,12 +128,12 @@ def selection_losses(
 
 
 @torch.no_grad()
-def evaluate(model, trajs: list[Trajectory]) -> dict:
+def evaluate(model, trajs: list[Trajectory], trunk: TrunkCache | None = None) -> dict:
     """Teacher-forced agreement with the teacher's choice among the K candidates."""
     model.eval()
     agree = total = div_hit = div_n = changed = same_n = 0
     for t in trajs:
-        _, logits = candidate_logits(model, t)
+        _, logits = candidate_logits(model, t, trunk)
         pick = logits.argmax(-1).numpy()
         target = t.teacher.argmax(-1)
         agree += int((pick == target).sum())
@@ -223,6 +232,10 @@ def _train(
     model = add_lora(load_slm(gguf), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     state = {"done": 0, "history": [], "best": None, "seconds": 0.0}
+    trunk = None
+    if cfg.layers is not None:  # the frozen layers' output, once per trajectory (kept in the run's folder)
+        trunk = TrunkCache(out_dir / "trunk", split_layer(model, cfg.layers))
+        trunk.fill(model, [t.tokens for t in train + val], progress)
     if ck is not None:
         set_peft_model_state_dict(model, ck["lora"])
         opt.load_state_dict(ck["optimizer"])
@@ -258,7 +271,7 @@ def _train(
     def validate(tag: str) -> None:
         nonlocal last_val
         last_val = state["done"]
-        m = evaluate(model, val)
+        m = evaluate(model, val, trunk)
         m["trajectories_seen"] = state["done"]
         state["history"].append({"tag": tag, **m})
         if state["best"] is None or m["agreement"] > state["best"]["agreement"]:
@@ -273,7 +286,7 @@ def _train(
             epoch, i = divmod(state["done"], len(train))
             t = train[orders[epoch][i]]
             rng = np.random.default_rng([cfg.seed, state["done"]])
-            out = losses(model, t, cfg, rng)
+            out = losses(model, t, cfg, rng, trunk)
             (out["loss"] / cfg.accumulate).backward()
             stepped = (state["done"] + 1) % cfg.accumulate == 0 or state["done"] + 1 == total
             if stepped:

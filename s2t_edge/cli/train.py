@@ -10,7 +10,8 @@ import click
 from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
-ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "problems_of", "targets"}  # adapter-only options
+# adapter-only options
+ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "problems_of", "targets", "layers"}
 
 
 def need_training_extra() -> None:
@@ -72,6 +73,13 @@ def report_keys(path: Path) -> list[str]:
     default=None,
     help="Adapter: LoRA on q/k/v/o/gate/up/down (all, default) or q/k/v/o only (cheaper to decode).",
 )
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Adapter: LoRA on the top N decoder layers only; the frozen layers below run once per "
+    "trajectory (cached in --out), so an epoch costs about N / 24 of a full one.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
 @click.option("--json", "as_json", is_flag=True)
@@ -94,6 +102,7 @@ def train(
     max_problems,
     problems_of,
     targets,
+    layers,
     seed,
     threads,
     as_json,
@@ -124,6 +133,7 @@ def train(
             max_problems=max_problems,
             seed=seed,
             targets=TARGETS[:4] if targets == "attention" else TARGETS,
+            layers=layers,
         )
         keys = None if problems_of is None else report_keys(problems_of)
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
