@@ -65,7 +65,11 @@ def test_top_layer_run_trains_resumes_and_exports(
     with pytest.raises(KeyboardInterrupt):
         ad.train_adapter(tiny_labels, tiny_gguf, broken, cfg(epochs=4), threads=1, progress=False)
     monkeypatch.setattr(ad, "losses", real)
-    ad.train_adapter(tiny_labels, tiny_gguf, broken, cfg(epochs=4), threads=1, progress=False)  # reuses its trunk cache
+    cached = sorted((broken / "trunk").rglob("*.npy"))
+    assert cached and all(p.parent.parent == broken / "trunk" for p in cached)  # one folder per SLM
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    ad.train_adapter(tiny_labels, tiny_gguf, broken, cfg(epochs=4), threads=1, progress=False)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # the resumed run reused the cache, computed nothing
     b = torch.load(broken / "checkpoint.pt", weights_only=False)["lora"]
     for k in lora:
         np.testing.assert_allclose(lora[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6)

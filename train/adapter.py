@@ -233,8 +233,10 @@ def _train(
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     state = {"done": 0, "history": [], "best": None, "seconds": 0.0}
     trunk = None
-    if cfg.layers is not None:  # the frozen layers' output, once per trajectory (kept in the run's folder)
-        trunk = TrunkCache(out_dir / "trunk", split_layer(model, cfg.layers))
+    if cfg.layers is not None:  # the frozen layers' output, once per trajectory, kept per SLM in the run's folder
+        from s2t_edge.store import cached_sha256
+
+        trunk = TrunkCache(out_dir / "trunk" / cached_sha256(gguf)[:16], split_layer(model, cfg.layers))
         trunk.fill(model, [t.tokens for t in train + val], progress)
     if ck is not None:
         set_peft_model_state_dict(model, ck["lora"])

@@ -73,7 +73,7 @@ class TrunkCache:
         try:
             return torch.from_numpy(np.load(path))
         except (OSError, ValueError):
-            pass  # not cached yet (or a torn file from a kill): compute it
+            pass  # not cached yet: compute it (written atomically, so a kill leaves no torn file)
         with torch.no_grad():
             h = decoder(model).embed_tokens(torch.from_numpy(tokens)[None])
             h = run_layers(model, h, 0, self.start)
