@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.adapter_scale import val_trajectories  # noqa: E402
+from benchmarks.adapter_scale import prefill_picks, val_trajectories  # noqa: E402
 
 EDGES = (0.0, 0.5, 0.7, 0.9, 0.99, 1.01)
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
@@ -31,8 +31,7 @@ def positions(engine, trajs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(base p1, adapted pick among K, teacher's choice among K) over every scored position."""
     p1, picks, target = [], [], []
     for t in trajs:
-        lg = np.stack([logits.copy() for _, logits in engine.score(t.tokens.tolist(), t.first)])
-        picks.append(np.take_along_axis(lg, t.ids, 1).argmax(1))
+        picks.append(prefill_picks(engine, t)[1])
         target.append(t.teacher.argmax(1))
         p1.append(np.exp(t.base[:, 0]))
     return np.concatenate(p1), np.concatenate(picks), np.concatenate(target)

@@ -32,12 +32,16 @@ def val_trajectories(bundle: Path):
     return [t for t in load_trajectories(run_label_dirs(report)) if t.key in want]
 
 
+def prefill_picks(engine, t) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [T, vocab], the best of the SLM's K candidates [T]) at a trajectory's scored positions."""
+    lg = np.stack([logits.copy() for _, logits in engine.score(t.tokens.tolist(), t.first)])
+    return lg, np.take_along_axis(lg, t.ids, 1).argmax(1)
+
+
 def measure(engine, trajs) -> dict:
     agree = total = hit = div_n = changed = same_n = outside = 0
     for t in trajs:
-        rows = [logits.copy() for _, logits in engine.score(t.tokens.tolist(), t.first)]
-        lg = np.stack(rows)  # [T, vocab]
-        picks = np.take_along_axis(lg, t.ids, 1).argmax(1)
+        lg, picks = prefill_picks(engine, t)
         target = t.teacher.argmax(1)
         d = target != 0
         agree += int((picks == target).sum())
