@@ -24,12 +24,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def val_trajectories(bundle: Path):
-    from s2t_edge.train.trajectories import load_trajectories, run_label_dirs
+def val_trajectories(bundle: Path, train_sample: int = 0):
+    """The validation trajectories of the bundle's training run; with `train_sample` N, instead
+    N of the trajectories it trained on (evenly spaced: does it fit them, or fail to generalise?)."""
+    from s2t_edge.train.adapter import AdapterConfig
+    from s2t_edge.train.trajectories import load_trajectories, run_label_dirs, split
 
     report = json.loads((bundle / "train-report.json").read_text())
-    want = set(report["problems"]["val_ids"])
-    return [t for t in load_trajectories(run_label_dirs(report)) if t.key in want]
+    trajs = load_trajectories(run_label_dirs(report))
+    if not train_sample:
+        want = set(report["problems"]["val_ids"])
+        return [t for t in trajs if t.key in want]
+    keys = set(report["problems"]["keys"])
+    cfg = report["config"]
+    fields = {"only_correct", "val_fraction", "split", "seed", "max_problems"}
+    train, _ = split([t for t in trajs if t.key in keys], AdapterConfig(**{k: cfg[k] for k in fields}))
+    return train[:: max(1, len(train) // train_sample)][:train_sample]
 
 
 def prefill_picks(engine, t) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +75,7 @@ def main() -> None:
     ap.add_argument("bundles", nargs="+", type=Path)
     ap.add_argument("--val-of", type=Path, help="bundle whose validation problems to use (default: each its own)")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.5, 2.0, 3.0])
+    ap.add_argument("--train-sample", type=int, default=0, help="N of the run's training trajectories instead")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -72,10 +83,10 @@ def main() -> None:
     from s2t_edge.engine import Engine
     from s2t_edge.store import resolve_model
 
-    common = val_trajectories(args.val_of) if args.val_of else None
+    common = val_trajectories(args.val_of, args.train_sample) if args.val_of else None
     for path in args.bundles:
         bundle = load_bundle(path)
-        trajs = common if common is not None else val_trajectories(path)
+        trajs = common if common is not None else val_trajectories(path, args.train_sample)
         gguf = resolve_model(None)
         n_ctx = max(len(t.tokens) for t in trajs) + 8
         with Engine(gguf, n_ctx=n_ctx, n_threads=args.threads, lora=bundle.adapter_path) as eng:
