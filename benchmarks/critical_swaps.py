@@ -7,6 +7,10 @@ the SLM's, the base SLM continues greedily from there (one continuous batch), an
 continuation is graded. A swap that turns the wrong answer right marks a *critical* divergence:
 the positions a sequence-level signal would weight.
 
+`--swap other` is the control: the SLM's best candidate that is neither its top-1 nor the
+teacher's choice goes in instead. Answers are fragile (any early change re-rolls the rest), so
+only the teacher's fix rate *above* the control's says its tokens decide answers.
+
 With --bundle, the adapter's pick at every position of those trajectories (llama.cpp prefill of
 the SLM's path, as in `adapter_scale.py`) says whether it hits the critical divergences more or
 less often than the others.
@@ -28,6 +32,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.adapter_scale import prefill_picks  # noqa: E402
+
+
+def swap_token(t, p: int, swap: str) -> int:
+    """The token put in at divergence `p`: the teacher's choice, or (control) the best other candidate."""
+    pick = int(t.teacher[p].argmax())
+    if swap == "other":
+        pick = next(j for j in range(1, t.ids.shape[1]) if j != pick)
+    return int(t.ids[p, pick])
 
 
 def rollouts(trajs, first: int) -> list[tuple[int, int]]:
@@ -72,6 +84,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="the first N trajectories only")
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--swap", choices=["teacher", "other"], default="teacher", help="other: the control")
     ap.add_argument("--bundle", type=Path, help="also: the adapter's picks at the same positions")
     ap.add_argument("--out", type=Path, help="write every rollout's outcome here (JSON)")
     ap.add_argument("--threads", type=int, default=2)
@@ -96,13 +109,13 @@ def main() -> None:
     for i, p in todo:
         t = trajs[i]
         chosen = t.tokens[t.first + 1 :].tolist()  # the SLM's answer so far (tokens = prompt + chosen[:-1])
-        swap = int(t.ids[p, t.teacher[p].argmax()])
+        swap = swap_token(t, p, args.swap)
         prompts.append(t.tokens[: t.first + 1].tolist() + chosen[:p] + [swap])
         budgets.append(max(1, args.max_tokens - p - 1))
     t0 = time.time()
     fixed = np.zeros(len(todo), bool)
     with Engine(gguf, n_ctx=n_ctx_seq * args.batch, n_threads=args.threads, n_seq=args.batch) as eng:
-        digits = np.array([digit_like(eng, int(trajs[i].ids[p, trajs[i].teacher[p].argmax()])) for i, p in todo])
+        digits = np.array([digit_like(eng, prompts[j][-1]) for j in range(len(todo))])
         n_done = 0
         for j, ids, stats in continuations(eng, prompts, budgets):
             i, p = todo[j]
