@@ -139,7 +139,7 @@ def main() -> None:
         if m.any():
             print(f"  divergence #{r + 1}: {fixed[m].sum()} of {m.sum()} fix ({fixed[m].mean():.1%})")
     for name, m in (("digit/operator", digits), ("other", ~digits)):
-        print(f"  teacher's token {name}: {fixed[m].sum()} of {m.sum()} fix ({fixed[m].mean() if m.any() else 0:.1%})")
+        print(f"  swapped-in token {name}: {fixed[m].sum()} of {m.sum()} fix ({fixed[m].mean() if m.any() else 0:.1%})")
     result = {"swaps": len(todo), "fixed": int(fixed.sum()), "wrong": n_wrong, "wrong_fixable": len(traj_fixed)}
     if args.bundle:
         from s2t_edge.bundle import load_bundle
