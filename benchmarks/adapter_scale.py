@@ -36,9 +36,8 @@ def val_trajectories(bundle: Path, train_sample: int = 0):
         want = set(report["problems"]["val_ids"])
         return [t for t in trajs if t.key in want]
     keys = set(report["problems"]["keys"])
-    cfg = report["config"]
-    fields = {"only_correct", "val_fraction", "split", "seed", "max_problems"}
-    train, _ = split([t for t in trajs if t.key in keys], AdapterConfig(**{k: cfg[k] for k in fields}))
+    cfg = {k: v for k, v in report["config"].items() if k in AdapterConfig.__dataclass_fields__}
+    train, _ = split([t for t in trajs if t.key in keys], AdapterConfig(**{**cfg, "targets": tuple(cfg["targets"])}))
     return train[:: max(1, len(train) // train_sample)][:train_sample]
 
 

@@ -3,7 +3,7 @@
 For each wrong own-path trajectory of a labels folder (the SLM's greedy answers, teacher-scored:
 `label --trajectories slm`; train problems, never dev), at each of its first N divergence points
 (the teacher's choice among the SLM's top-K is not the SLM's top-1) the teacher's token replaces
-the SLM's, the base SLM continues greedily from there (one continuous batch), and the
+the SLM's, the base SLM continues greedily from there (one continuous batch, a token budget per rollout), and the
 continuation is graded. A swap that turns the wrong answer right marks a *critical* divergence:
 the positions a sequence-level signal would weight.
 
@@ -42,33 +42,14 @@ def swap_token(t, p: int, swap: str) -> int:
     return int(t.ids[p, pick])
 
 
-def rollouts(trajs, first: int) -> list[tuple[int, int]]:
-    """(trajectory index, position) of each wrong trajectory's first `first` divergences."""
+def rollouts(trajs, first: int) -> list[tuple[int, int, int]]:
+    """(trajectory index, position, which divergence) of each wrong trajectory's first `first`."""
     out = []
     for i, t in enumerate(trajs):
         if not t.correct:
             d = np.flatnonzero(t.teacher.argmax(1) != 0)[:first]
-            out += [(i, int(p)) for p in d]
+            out += [(i, int(p), r) for r, p in enumerate(d)]
     return out
-
-
-def continuations(engine, prompts: list[list[int]], budgets: list[int]):
-    """`decode_batch` with a token budget per prompt: yields (index, generated ids, stats)."""
-    from s2t_edge.batch import BatchScheduler
-    from s2t_edge.policy import greedy
-
-    sched = BatchScheduler(engine, greedy())
-    queue = list(range(len(prompts)))[::-1]
-    try:
-        while queue or sched.active:
-            while queue and sched.free_slots:
-                i = queue.pop()
-                sched.add(prompts[i], key=i, max_tokens=budgets[i])
-            for ev in sched.step():
-                if ev.done:
-                    yield ev.key, ev.out, ev.stats
-    finally:
-        sched.close()
 
 
 def digit_like(engine, token: int) -> bool:
@@ -92,9 +73,11 @@ def main() -> None:
 
     from s2t_edge.train.trajectories import load_trajectories
 
+    from s2t_edge.batch import decode_batch
     from s2t_edge.engine import Engine
     from s2t_edge.eval.data import load_problems
     from s2t_edge.eval.grading import extract_answer, is_correct
+    from s2t_edge.policy import greedy
     from s2t_edge.store import resolve_model
 
     trajs = load_trajectories(args.labels)[: args.limit]
@@ -106,21 +89,18 @@ def main() -> None:
     n_prefix = max(t.first + 1 for t in trajs)  # prompt length
     n_ctx_seq = n_prefix + args.max_tokens + 8
     prompts, budgets = [], []
-    for i, p in todo:
-        t = trajs[i]
-        chosen = t.tokens[t.first + 1 :].tolist()  # the SLM's answer so far (tokens = prompt + chosen[:-1])
-        swap = swap_token(t, p, args.swap)
-        prompts.append(t.tokens[: t.first + 1].tolist() + chosen[:p] + [swap])
+    for i, p, _ in todo:
+        t = trajs[i]  # tokens = prompt + the SLM's answer[:-1]; the answer up to p, then the swap
+        prompts.append(t.tokens[: t.first + 1 + p].tolist() + [swap_token(t, p, args.swap)])
         budgets.append(max(1, args.max_tokens - p - 1))
     t0 = time.time()
     fixed = np.zeros(len(todo), bool)
     with Engine(gguf, n_ctx=n_ctx_seq * args.batch, n_threads=args.threads, n_seq=args.batch) as eng:
         digits = np.array([digit_like(eng, prompts[j][-1]) for j in range(len(todo))])
         n_done = 0
-        for j, ids, stats in continuations(eng, prompts, budgets):
-            i, p = todo[j]
-            t = trajs[i]
-            answer = t.tokens[t.first + 1 :].tolist()[:p] + [prompts[j][-1]] + ids
+        for j, ids, stats in decode_batch(eng, prompts, greedy(), max_tokens=budgets):
+            t = trajs[todo[j][0]]
+            answer = prompts[j][t.first + 1 :] + ids
             done = stats.finish_reason == "stop"
             pred = extract_answer(eng.detokenize(answer), complete=done)
             fixed[j] = done and is_correct(pred, gold[t.problem_id])
@@ -129,7 +109,7 @@ def main() -> None:
             print(f"\r{n_done:4d}/{len(todo)} rolled out, {k} fixed  ({time.time() - t0:.0f} s)", end="", flush=True)
     print()
     traj_fixed = {todo[j][0] for j in np.flatnonzero(fixed)}
-    rank = np.array([list(np.flatnonzero(trajs[i].teacher.argmax(1) != 0)).index(p) for i, p in todo])
+    rank = np.array([r for _, _, r in todo])
     print(
         f"swaps that turn a wrong answer right: {fixed.sum()} of {len(todo)} ({fixed.mean():.1%}); "
         f"wrong trajectories with at least one: {len(traj_fixed)} of {n_wrong}"
@@ -147,8 +127,8 @@ def main() -> None:
         bundle = load_bundle(args.bundle)
         n_ctx = max(len(t.tokens) for t in trajs) + 8
         with Engine(gguf, n_ctx=n_ctx, n_threads=args.threads, lora=bundle.adapter_path) as eng:
-            picks = {i: prefill_picks(eng, trajs[i])[1] for i in sorted({i for i, _ in todo})}
-        hit = np.array([picks[i][p] == trajs[i].teacher[p].argmax() for i, p in todo])
+            picks = {i: prefill_picks(eng, trajs[i])[1] for i in sorted({i for i, _, _ in todo})}
+        hit = np.array([picks[i][p] == trajs[i].teacher[p].argmax() for i, p, _ in todo])
         for name, m in (("critical", fixed), ("not critical", ~fixed)):
             rate = hit[m].mean() if m.any() else 0
             print(f"  {args.bundle.name} picks the teacher's token at {name}: {hit[m].sum()} of {m.sum()} ({rate:.1%})")
@@ -157,7 +137,7 @@ def main() -> None:
     if args.out:
         rows = [
             {"key": trajs[i].key, "position": p, "rank": int(r), "digit": bool(d), "fixed": bool(f)}
-            for (i, p), r, d, f in zip(todo, rank, digits, fixed)
+            for (i, p, r), d, f in zip(todo, digits, fixed)
         ]
         args.out.write_text(json.dumps({**result, "rollouts": rows}, indent=1))
 

@@ -226,10 +226,11 @@ def decode_batch(
     prompts: Sequence[Sequence[int]],
     policy: Policy,
     *,
-    max_tokens: int = 512,
+    max_tokens: int | Sequence[int] = 512,
     on_logits: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[int, list[int], DecodeStats]]:
     """Decode every prompt with `policy`; yields (prompt index, generated ids, stats) as each ends.
+    `max_tokens` is one budget for all, or one per prompt.
 
     Up to `engine.n_seq` prompts run at once. Results match `decode()` up to floating-point
     reordering inside llama.cpp's batched kernels. Trigger and selector objects are shared by the
@@ -241,13 +242,16 @@ def decode_batch(
     Teacher policies (s2t / takeover, trigger "always") run the teacher as a second batch in
     lockstep: the same sequence ids, fed the same accepted tokens.
     """
+    budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(budgets) != len(prompts):
+        raise S2TError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
     sched = BatchScheduler(engine, policy, on_logits=on_logits)
     queue = list(range(len(prompts)))[::-1]
     try:
         while queue or sched.active:
             while queue and sched.free_slots:  # fill free slots; prompts are prefilled one at a time
                 i = queue.pop()
-                sched.add(prompts[i], key=i, max_tokens=max_tokens)
+                sched.add(prompts[i], key=i, max_tokens=budgets[i])
             for ev in sched.step():
                 if ev.done:
                     yield ev.key, ev.out, ev.stats

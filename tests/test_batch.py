@@ -274,3 +274,14 @@ def test_sample_batch_refuses_bad_arguments(tiny_gguf: Path) -> None:
             list(sample_batch(e, prompts(e), 2, seeds=[1, 2]))
     r = CliRunner().invoke(main, ["eval", "--data", "x.jsonl", "--policy", "maj@2", "--max-tokens", "0"])
     assert r.exit_code == 2 and "Invalid value for '--max-tokens'" in r.output
+
+
+def test_batch_budget_per_prompt(tiny_gguf: Path) -> None:
+    """`max_tokens` may give each prompt its own budget; a wrong count is refused."""
+    budgets = [3, 12, 1, 7, 5]
+    with Engine(tiny_gguf, n_ctx=512 * 2, n_threads=1, n_seq=2, unified=False) as e:
+        got = {i: ids for i, ids, _ in decode_batch(e, prompts(e), greedy(), max_tokens=budgets)}
+        with pytest.raises(S2TError, match="2 token budgets for 5 prompts"):
+            list(decode_batch(e, prompts(e), greedy(), max_tokens=[1, 2]))
+    ref = sequential(tiny_gguf, 12)
+    assert [got[i] for i in range(len(QUESTIONS))] == [r[:b] for r, b in zip(ref, budgets)]
