@@ -143,4 +143,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from s2t_edge.errors import S2TError
+
+    try:
+        main()
+    except S2TError as e:
+        sys.exit(f"error: {e}")
