@@ -146,3 +146,28 @@ def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path
     r = cli(*args, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
     assert r.code == 0, r.stderr
     assert json.loads(r.stdout)["problems"]["keys"] == keys[1:]
+
+
+def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """`objective="vocab"` is the cross-entropy of the teacher's choice under the model's full
+    next-token distribution (weighted like the listwise loss); trained with it, the adapter learns."""
+    c = cfg(objective="vocab", divergent_weight=1.0)
+    model = ad.add_lora(ad.load_slm(tiny_gguf), c)
+    model.eval()
+    t = ad.load_trajectories(labels)[0]
+    with torch.no_grad():
+        out = ad.losses(model, t, c, np.random.default_rng(0))
+        full = model(input_ids=torch.from_numpy(t.tokens)[None]).logits[0, t.first :]
+    target = torch.from_numpy(t.ids).gather(1, torch.from_numpy(t.teacher.argmax(1))[:, None])[:, 0]
+    torch.testing.assert_close(out["select"], torch.nn.functional.cross_entropy(full, target), rtol=1e-4, atol=1e-4)
+    assert out["loss"] == out["select"] + c.kl_weight * out["kl"]
+    with pytest.raises(S2TError, match="unknown adapter objective"):
+        ad.losses(model, t, cfg(objective="nope"), np.random.default_rng(0))
+    r = ad.train_adapter(
+        labels, tiny_gguf, tmp_path / "run", cfg(objective="vocab", epochs=4), threads=1, progress=False
+    )
+    assert r["config"]["objective"] == "vocab"
+    train_set = [t for t in ad.load_trajectories(labels) if t.key not in r["problems"]["val_ids"]]
+    before = ad.evaluate(ad.add_lora(ad.load_slm(tiny_gguf), c), train_set)
+    after = ad.evaluate(ad.load_adapter(tmp_path / "run", tiny_gguf, "last")[0], train_set)
+    assert after["agreement"] > before["agreement"]

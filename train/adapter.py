@@ -3,7 +3,8 @@
 The SLM is loaded from the very GGUF the runtime runs (transformers dequantizes it: the weights
 llama.cpp computes with). At every position of a labelled trajectory the adapted model scores
 only the SLM's K candidates (K rows of the output embedding, not the 151,936-row head) and is
-trained listwise toward the teacher's distribution over them, divergence points weighted; a KL
+trained listwise toward the teacher's distribution over them (or, the "vocab" objective, toward
+the teacher's choice over the whole vocabulary), divergence points weighted; a KL
 to the frozen SLM over (the K candidates + everything else), taken at sampled positions, keeps
 its general behaviour. Checkpoints are small and atomic; a killed run resumes where it stopped.
 """
@@ -56,6 +57,9 @@ class AdapterConfig:
     checkpoint_every: int = 50  # trajectories
     targets: tuple[str, ...] = field(default=TARGETS)
     layers: int | None = None  # LoRA on the top N decoder layers only (the frozen ones below are cached)
+    # "select": listwise toward the teacher over the K candidates (renormalised); "vocab": cross-entropy
+    # toward the teacher's choice over the whole vocabulary (plain distillation: no top-K restriction)
+    objective: str = "select"
 
 
 def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
@@ -91,7 +95,7 @@ def candidate_logits(model, t: Trajectory, trunk: TrunkCache | None = None) -> t
 def losses(
     model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator, trunk: TrunkCache | None = None
 ) -> dict[str, torch.Tensor]:
-    """Listwise selection loss (+ top-1 CE) toward the teacher, and the KL to the frozen SLM."""
+    """The selection loss toward the teacher (`cfg.objective`) and the KL to the frozen SLM."""
     h, logits = candidate_logits(model, t, trunk)
     return selection_losses(model, h, logits, t, cfg, rng)
 
@@ -108,17 +112,27 @@ def selection_losses(
     """`losses` from the hidden states [T, H] and the candidate logits [T, K] of the language
     model; `scored` [T, K] replaces the logits the selection is trained on (not the KL's)."""
     scored = logits if scored is None else scored
-    logp = torch.log_softmax(scored, -1)
     teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
     target = teacher.argmax(-1)
     div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
     w = 1 + (cfg.divergent_weight - 1) * div
-    sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(scored, target, reduction="none")
-    sel = (w * sel).sum() / w.sum()
-    # KL(frozen || adapted) over K + 1 buckets (the candidates, everything else) at sampled positions
+    head = model.get_base_model().lm_head.weight
     n = min(cfg.kl_positions, len(t.ids))
     pos = torch.from_numpy(np.sort(rng.choice(len(t.ids), n, replace=False)))
-    lse = torch.logsumexp(h[pos] @ model.get_base_model().lm_head.weight.T, -1, keepdim=True)
+    if cfg.objective == "vocab":
+        if scored is not logits:
+            raise S2TError("the vocabulary objective trains the language model's own logits, not a scorer's")
+        lse_all = torch.logsumexp(h @ head.T, -1, keepdim=True)
+        sel = lse_all[:, 0] - scored.gather(1, target[:, None])[:, 0]  # -log p(teacher's token) over the vocabulary
+        lse = lse_all[pos]
+    elif cfg.objective == "select":
+        logp = torch.log_softmax(scored, -1)
+        sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(scored, target, reduction="none")
+        lse = torch.logsumexp(h[pos] @ head.T, -1, keepdim=True)
+    else:
+        raise S2TError(f"unknown adapter objective {cfg.objective!r}")
+    sel = (w * sel).sum() / w.sum()
+    # KL(frozen || adapted) over K + 1 buckets (the candidates, everything else) at sampled positions
     ad = logits[pos] - lse
     base = torch.from_numpy(t.base)[pos]
     ad_rest = torch.log1p(-ad.exp().sum(-1).clamp(max=1 - 1e-6))

@@ -11,7 +11,7 @@ from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
 # adapter-only options
-ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "problems_of", "targets", "layers"}
+ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "problems_of", "targets", "layers", "objective"}
 
 
 def need_training_extra() -> None:
@@ -80,6 +80,14 @@ def report_keys(path: Path) -> list[str]:
     help="Adapter: LoRA on the top N decoder layers only; the frozen layers below run once per "
     "trajectory (cached in --out), so an epoch costs about N / 24 of a full one.",
 )
+@click.option(
+    "--objective",
+    type=click.Choice(["select", "vocab"]),
+    default="select",
+    show_default=True,
+    help="Adapter: listwise toward the teacher over the SLM's K candidates (select), or cross-entropy "
+    "toward the teacher's choice over the whole vocabulary (vocab: no top-K restriction).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
 @click.option("--json", "as_json", is_flag=True)
@@ -103,6 +111,7 @@ def train(
     problems_of,
     targets,
     layers,
+    objective,
     seed,
     threads,
     as_json,
@@ -134,6 +143,7 @@ def train(
             seed=seed,
             targets=TARGETS[:4] if targets == "attention" else TARGETS,
             layers=layers,
+            objective=objective,
         )
         keys = None if problems_of is None else report_keys(problems_of)
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
