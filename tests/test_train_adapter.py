@@ -150,7 +150,8 @@ def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path
 
 def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     """`objective="vocab"` is the cross-entropy of the teacher's choice under the model's full
-    next-token distribution (weighted like the listwise loss); trained with it, the adapter learns."""
+    next-token distribution (weighted like the listwise loss, early positions too); trained with
+    it, the adapter learns."""
     c = cfg(objective="vocab", divergent_weight=1.0)
     model = ad.add_lora(ad.load_slm(tiny_gguf), c)
     model.eval()
@@ -161,6 +162,12 @@ def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> 
     target = torch.from_numpy(t.ids).gather(1, torch.from_numpy(t.teacher.argmax(1))[:, None])[:, 0]
     torch.testing.assert_close(out["select"], torch.nn.functional.cross_entropy(full, target), rtol=1e-4, atol=1e-4)
     assert out["loss"] == out["select"] + c.kl_weight * out["kl"]
+    early = cfg(objective="vocab", divergent_weight=1.0, early_weight=3.0, early_fraction=0.5)
+    with torch.no_grad():
+        weighted = ad.losses(model, t, early, np.random.default_rng(0))["select"]
+    ce = torch.nn.functional.cross_entropy(full, target, reduction="none")
+    w = 1 + 2 * (torch.arange(len(ce)) < 0.5 * len(ce)).float()  # the first half of the answer x3
+    torch.testing.assert_close(weighted, (w * ce).sum() / w.sum(), rtol=1e-4, atol=1e-4)
     with pytest.raises(S2TError, match="unknown adapter objective"):
         ad.losses(model, t, cfg(objective="nope"), np.random.default_rng(0))
     r = ad.train_adapter(

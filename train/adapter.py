@@ -60,6 +60,8 @@ class AdapterConfig:
     # "select": listwise toward the teacher over the K candidates (renormalised); "vocab": cross-entropy
     # toward the teacher's choice over the whole vocabulary (plain distillation: no top-K restriction)
     objective: str = "select"
+    early_weight: float = 1.0  # positions in the first `early_fraction` of each answer weigh this much more
+    early_fraction: float = 0.25
 
 
 def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
@@ -116,6 +118,9 @@ def selection_losses(
     target = teacher.argmax(-1)
     div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
     w = 1 + (cfg.divergent_weight - 1) * div
+    if cfg.early_weight != 1.0:  # the answer's setup: where a teacher prefix turns the SLM's answers right
+        early = (torch.arange(len(div)) < cfg.early_fraction * len(div)).float()
+        w = w * (1 + (cfg.early_weight - 1) * early)
     head = model.get_base_model().lm_head.weight
     n = min(cfg.kl_positions, len(t.ids))
     pos = torch.from_numpy(np.sort(rng.choice(len(t.ids), n, replace=False)))

@@ -11,7 +11,17 @@ from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
 # adapter-only options
-ADAPTER_ONLY = {"lr", "kl_weight", "all_trajectories", "max_problems", "problems_of", "targets", "layers", "objective"}
+ADAPTER_ONLY = {
+    "lr",
+    "kl_weight",
+    "all_trajectories",
+    "max_problems",
+    "problems_of",
+    "targets",
+    "layers",
+    "objective",
+    "early_weight",
+}
 
 
 def need_training_extra() -> None:
@@ -88,6 +98,13 @@ def report_keys(path: Path) -> list[str]:
     help="Adapter: listwise toward the teacher over the SLM's K candidates (select), or cross-entropy "
     "toward the teacher's choice over the whole vocabulary (vocab: no top-K restriction).",
 )
+@click.option(
+    "--early-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Adapter: weight of the positions in the first quarter of each answer (its setup).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
 @click.option("--json", "as_json", is_flag=True)
@@ -112,6 +129,7 @@ def train(
     targets,
     layers,
     objective,
+    early_weight,
     seed,
     threads,
     as_json,
@@ -144,6 +162,7 @@ def train(
             targets=TARGETS[:4] if targets == "attention" else TARGETS,
             layers=layers,
             objective=objective,
+            early_weight=early_weight,
         )
         keys = None if problems_of is None else report_keys(problems_of)
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
