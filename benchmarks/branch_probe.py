@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from s2t_edge.train.adapter import (
     add_lora,
-    candidate_logits,
     load_slm,
     load_trajectories,
     lora_state,
@@ -28,6 +27,7 @@ from s2t_edge.train.adapter import (
     split,
 )
 from s2t_edge.train.branch import BranchConfig, branch_evaluate, branch_logits, branch_losses
+from s2t_edge.train.objective import candidate_logits
 
 from s2t_edge.store import resolve_model
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from s2t_edge.train import adapter as ad
+from s2t_edge.train import objective
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import label
@@ -40,7 +41,7 @@ def test_candidate_logits_are_the_models_logits(labels: Path, tiny_gguf: Path) -
     model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
     model.eval()
     for t in ad.load_trajectories(labels):
-        _, cand = ad.candidate_logits(model, t)
+        _, cand = objective.candidate_logits(model, t)
         with torch.no_grad():
             full = model(input_ids=torch.from_numpy(t.tokens)[None]).logits[0, t.first :]
         assert cand.shape == t.ids.shape

@@ -12,6 +12,7 @@ import torch
 from gguf import GGUFReader
 from s2t_edge.export.bundle_writer import export_bundle
 from s2t_edge.train import adapter as ad
+from s2t_edge.train import objective
 from s2t_edge.train.trunk import TrunkCache, split_layer
 
 from s2t_edge.errors import S2TError
@@ -38,8 +39,8 @@ def test_cached_trunk_gives_the_full_forward(tiny_labels: Path, tiny_gguf: Path,
     for t in ad.load_trajectories(tiny_labels):
         with torch.no_grad():
             full = model(input_ids=torch.from_numpy(t.tokens)[None]).logits[0, t.first :]
-            _, cached = ad.candidate_logits(model, t, trunk)  # computes and stores the trunk
-            _, again = ad.candidate_logits(model, t, trunk)  # reads it back from disk
+            _, cached = objective.candidate_logits(model, t, trunk)  # computes and stores the trunk
+            _, again = objective.candidate_logits(model, t, trunk)  # reads it back from disk
         torch.testing.assert_close(cached, full.gather(1, torch.from_numpy(t.ids)), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(again, cached)
     assert len(list((tmp_path / "trunk").glob("*.npy"))) == len(ad.load_trajectories(tiny_labels))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from s2t_edge.train.objective import evaluate, losses
 from s2t_edge.train.trajectories import (  # noqa: F401  (split, run_label_dirs: part of this module's API)
     Trajectory,
     check_labels,
@@ -29,7 +29,7 @@ from s2t_edge.train.trajectories import (  # noqa: F401  (split, run_label_dirs:
     run_label_dirs,
     split,
 )
-from s2t_edge.train.trunk import TrunkCache, decoder, final_hidden, split_layer
+from s2t_edge.train.trunk import TrunkCache, decoder, split_layer
 
 from s2t_edge.errors import S2TError
 from s2t_edge.label import read_label
@@ -84,92 +84,6 @@ def add_lora(model, cfg: AdapterConfig):
         layers_to_transform=top,
     )
     return get_peft_model(model, lc)
-
-
-def candidate_logits(model, t: Trajectory, trunk: TrunkCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final hidden states at the scored positions [T, H], candidate logits [T, K])."""
-    h = final_hidden(model, t.tokens, trunk)[t.first :]
-    w = model.get_base_model().lm_head.weight
-    ids = torch.from_numpy(t.ids)
-    return h, torch.einsum("td,tkd->tk", h, w[ids])
-
-
-def losses(
-    model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator, trunk: TrunkCache | None = None
-) -> dict[str, torch.Tensor]:
-    """The selection loss toward the teacher (`cfg.objective`) and the KL to the frozen SLM."""
-    h, logits = candidate_logits(model, t, trunk)
-    return selection_losses(model, h, logits, t, cfg, rng)
-
-
-def selection_losses(
-    model,
-    h: torch.Tensor,
-    logits: torch.Tensor,
-    t: Trajectory,
-    cfg: AdapterConfig,
-    rng: np.random.Generator,
-    scored: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """`losses` from the hidden states [T, H] and the candidate logits [T, K] of the language
-    model; `scored` [T, K] replaces the logits the selection is trained on (not the KL's)."""
-    scored = logits if scored is None else scored
-    teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
-    target = teacher.argmax(-1)
-    div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
-    w = 1 + (cfg.divergent_weight - 1) * div
-    if cfg.early_weight != 1.0:  # the answer's setup: where a teacher prefix turns the SLM's answers right
-        early = (torch.arange(len(div)) < cfg.early_fraction * len(div)).float()
-        w = w * (1 + (cfg.early_weight - 1) * early)
-    head = model.get_base_model().lm_head.weight
-    n = min(cfg.kl_positions, len(t.ids))
-    pos = torch.from_numpy(np.sort(rng.choice(len(t.ids), n, replace=False)))
-    if cfg.objective == "vocab":
-        if scored is not logits:
-            raise S2TError("the vocabulary objective trains the language model's own logits, not a scorer's")
-        lse_all = torch.logsumexp(h @ head.T, -1, keepdim=True)
-        sel = lse_all[:, 0] - scored.gather(1, target[:, None])[:, 0]  # -log p(teacher's token) over the vocabulary
-        lse = lse_all[pos]
-    elif cfg.objective == "select":
-        logp = torch.log_softmax(scored, -1)
-        sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(scored, target, reduction="none")
-        lse = torch.logsumexp(h[pos] @ head.T, -1, keepdim=True)
-    else:
-        raise S2TError(f"unknown adapter objective {cfg.objective!r}")
-    sel = (w * sel).sum() / w.sum()
-    # KL(frozen || adapted) over K + 1 buckets (the candidates, everything else) at sampled positions
-    ad = logits[pos] - lse
-    base = torch.from_numpy(t.base)[pos]
-    ad_rest = torch.log1p(-ad.exp().sum(-1).clamp(max=1 - 1e-6))
-    base_rest = torch.log1p(-base.exp().sum(-1).clamp(max=1 - 1e-6))
-    kl = (base.exp() * (base - ad)).sum(-1) + base_rest.exp() * (base_rest - ad_rest)
-    return {"select": sel, "kl": kl.mean(), "loss": sel + cfg.kl_weight * kl.mean()}
-
-
-@torch.no_grad()
-def evaluate(model, trajs: list[Trajectory], trunk: TrunkCache | None = None) -> dict:
-    """Teacher-forced agreement with the teacher's choice among the K candidates."""
-    model.eval()
-    agree = total = div_hit = div_n = changed = same_n = 0
-    for t in trajs:
-        _, logits = candidate_logits(model, t, trunk)
-        pick = logits.argmax(-1).numpy()
-        target = t.teacher.argmax(-1)
-        agree += int((pick == target).sum())
-        total += len(target)
-        d = target != 0
-        div_hit += int((pick[d] == target[d]).sum())
-        div_n += int(d.sum())
-        changed += int((pick[~d] != 0).sum())
-        same_n += int((~d).sum())
-    model.train()
-    return {
-        "positions": total,
-        "agreement": agree / max(total, 1),
-        "base_agreement": 1 - div_n / max(total, 1),
-        "hit_at_divergence": div_hit / max(div_n, 1),
-        "changed_where_agreeing": changed / max(same_n, 1),
-    }
 
 
 def _save_atomic(obj: dict, path: Path) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from s2t_edge.train.adapter import AdapterConfig, Trajectory, selection_losses
+from s2t_edge.train.adapter import AdapterConfig, Trajectory
+from s2t_edge.train.objective import selection_losses
 
 
 @dataclass
