@@ -5,7 +5,9 @@ Two kinds of trajectories, decoded many problems at once (one llama.cpp batch pe
   finished answer is prefilled once through the SLM for the SLM's top-K at every position.
 - "slm": the SLM's own greedy answers (optionally under a bundle's LoRA adapter): the states the
   student actually visits. Each is scored by the teacher in one prefill, which costs far less
-  than the teacher decoding token by token.
+  than the teacher decoding token by token. With `samples` / `temperature` the SLM samples N
+  answers per problem from its top-K instead (seeded; for rejection sampling: its own right
+  answers as training targets).
 Either way a position stores the SLM's top-K and the teacher's log-probability of each of those
 K ids. One small `.npz` per problem (no hidden states, ≈ 10 KB), written atomically, so a killed
 run resumes where it stopped and the labels can be committed.
@@ -33,7 +35,7 @@ from s2t_edge.errors import S2TError
 from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import extract_answer, is_correct
 from s2t_edge.locks import lock_folder
-from s2t_edge.policy import greedy
+from s2t_edge.policy import Policy, greedy, sampling
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.shards import read_manifest, read_npz, shard_name, shard_paths, write_manifest, write_npz
@@ -61,6 +63,12 @@ class _Pending:
     problem: Problem
     prompt: list[int]
     steps: list[tuple[np.ndarray, np.ndarray]]  # (ids, log-probs) of the teacher's top TEACHER_TOP
+    sample: int | None = None  # which of a problem's sampled answers (None: its greedy answer)
+
+    @property
+    def name(self) -> str:
+        """The label file's id: the problem's, with `.s<j>` for its j-th sample."""
+        return self.problem.id if self.sample is None else f"{self.problem.id}.s{self.sample}"
 
 
 def slm_labels(slm: Engine, prompt: list[int], traj: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +110,7 @@ TRAJECTORIES = ("teacher", "slm")
 class _Labelled:
     """One finished trajectory with its label arrays (what `write_label` stores)."""
 
-    problem: Problem
+    pending: _Pending
     prompt: list[int]
     traj: list[int]  # the end-of-turn token included
     text_ids: list[int]  # the answer without it (for grading)
@@ -130,13 +138,16 @@ def _teacher_trajectories(slm: Engine, teacher: Engine, pending: list[_Pending],
         t_lps = np.stack([lookup(step, row) for step, row in zip(q.steps, ids)])
         t_top1 = np.array([s[0][0] for s in q.steps], np.int32)
         q.steps = []
-        yield _Labelled(q.problem, q.prompt, traj, out, stats.finish_reason, ids, slm_lps, t_lps, t_top1)
+        yield _Labelled(q, q.prompt, traj, out, stats.finish_reason, ids, slm_lps, t_lps, t_top1)
 
 
-def _slm_trajectories(slm: Engine, decoder: Engine, teacher: Engine, pending: list[_Pending], k: int, max_tokens: int):
+def _slm_trajectories(
+    slm: Engine, decoder: Engine, teacher: Engine, pending: list[_Pending], k: int, max_tokens: int, policy: Policy
+):
     """The SLM (`decoder`: the same model, batched, with or without a bundle's adapter) decodes
-    greedily; each answer is then scored by the teacher in one prefill (exact log-probs, not a top
-    cut) and, when an adapter decoded it, by the base SLM in one more."""
+    with `policy` (greedy, or a sampler over its top-K); each answer is then scored by the teacher
+    in one prefill (exact log-probs, not a top cut) and, when an adapter decoded it, by the base
+    SLM in one more."""
     base_decodes = decoder.lora_path is None
     rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
 
@@ -146,7 +157,7 @@ def _slm_trajectories(slm: Engine, decoder: Engine, teacher: Engine, pending: li
 
     prompts = [q.prompt for q in pending]
     hook = keep if base_decodes else None
-    for i, out, stats in decode_batch(decoder, prompts, greedy(1), max_tokens=max_tokens, on_logits=hook):
+    for i, out, stats in decode_batch(decoder, prompts, policy, max_tokens=max_tokens, on_logits=hook):
         q = pending[i]
         traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
         if base_decodes:
@@ -161,7 +172,7 @@ def _slm_trajectories(slm: Engine, decoder: Engine, teacher: Engine, pending: li
             t_lps.append(log_softmax(logits)[row])
             t_top1.append(int(logits.argmax()))
         t_lps_a, t_top1_a = np.stack(t_lps), np.array(t_top1, np.int32)
-        yield _Labelled(q.problem, q.prompt, traj, out, stats.finish_reason, ids, slm_lps, t_lps_a, t_top1_a)
+        yield _Labelled(q, q.prompt, traj, out, stats.finish_reason, ids, slm_lps, t_lps_a, t_top1_a)
 
 
 def label(
@@ -177,6 +188,9 @@ def label(
     batch: int = 16,
     trajectories: str = "teacher",
     bundle: Path | None = None,
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
     threads: int | None = None,
     gpu_layers: int = 0,
     progress: bool = True,
@@ -186,9 +200,16 @@ def label(
 
     `trajectories`: "teacher" (the teacher's greedy answers) or "slm" (the SLM's own greedy
     answers, i.e. the states it visits when it decodes alone; with `bundle`, those of the SLM
-    under that bundle's adapter)."""
+    under that bundle's adapter). `temperature` > 0 samples `samples` answers per problem from the
+    SLM's top-K instead of its greedy one (seeded: an uninterrupted run is reproduced exactly)."""
     if trajectories not in TRAJECTORIES:
         raise S2TError(f"unknown trajectories {trajectories!r}; choose one of {', '.join(TRAJECTORIES)}")
+    if temperature < 0 or samples < 1:
+        raise S2TError("--temperature must be >= 0 and --samples >= 1")
+    if temperature == 0 and samples > 1:
+        raise S2TError("--samples N needs --temperature > 0 (greedy answers are all the same)")
+    if temperature > 0 and trajectories != "slm":
+        raise S2TError("--temperature samples the SLM's own answers: use it with --trajectories slm")
     b = None
     if bundle is not None:
         if trajectories != "slm":
@@ -201,7 +222,7 @@ def label(
     if skip >= len(problems):
         raise S2TError(f"--skip {skip} leaves none of the {len(problems)} problems to label")
     problems = problems[skip:]
-    kind = "teacher-greedy" if trajectories == "teacher" else "slm-greedy"
+    how = "sample" if temperature > 0 else "greedy"
     settings = {
         "slm_sha256": cached_sha256(slm_path),  # hashed once per file, not at every resume
         "teacher_sha256": cached_sha256(teacher_path),
@@ -209,8 +230,12 @@ def label(
         "k": k,
         "max_tokens": max_tokens,
         "teacher_top": TEACHER_TOP if trajectories == "teacher" else None,
-        "trajectories": kind if b is None else f"adapter-greedy:{b.adapter['sha256']}",
+        "trajectories": f"teacher-{how}" if trajectories == "teacher" else f"slm-{how}",
     }
+    if b is not None:
+        settings["trajectories"] = f"adapter-{how}:{b.adapter['sha256']}"
+    if temperature > 0:
+        settings.update(samples=samples, temperature=temperature, seed=seed)
     if settings["teacher_top"] is None:
         del settings["teacher_top"]  # exact teacher log-probs (older folders keep their key)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +246,8 @@ def label(
             raise S2TError(f"{out_dir} holds labels made with other settings ({', '.join(diff)}); use another --out")
         write_manifest(out_dir, {"settings": settings, "data": data.name, "problems": len(shard_paths(out_dir))})
         done = {p.name for p in shard_paths(out_dir)}
-        todo = [p for p in problems if shard_name(p.id) not in done]
+        runs = [None] if temperature == 0 else list(range(samples))
+        todo = [(p, j) for p in problems for j in runs if shard_name(_Pending(p, [], [], j).name) not in done]
         with contextlib.ExitStack() as stack:  # closes whichever engines were opened, however this ends
             # A cache per sequence: with one unified cache every token attends over all sequences' cells
             # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
@@ -252,7 +278,7 @@ def label(
                 )
             check_same_vocab(slm, teacher)
             template = ChatTemplate(teacher)
-            pending = [_Pending(p, problem_prompt(teacher, template, p.question), []) for p in todo]
+            pending = [_Pending(p, problem_prompt(teacher, template, p.question), [], j) for p, j in todo]
             too_long = [q for q in pending if len(q.prompt) + max_tokens > decoder.n_ctx_seq]
             if too_long:
                 q = too_long[0]
@@ -263,22 +289,26 @@ def label(
             if trajectories == "teacher":
                 source = _teacher_trajectories(slm, teacher, pending, k, max_tokens)
             else:
-                source = _slm_trajectories(slm, decoder, teacher, pending, k, max_tokens)
+                policy = greedy(1) if temperature == 0 else sampling(temperature, top_k=k, seed=seed)
+                source = _slm_trajectories(slm, decoder, teacher, pending, k, max_tokens, policy)
             who = "teacher" if trajectories == "teacher" else "slm"
             bar = Progress(len(todo), "label", progress)
             n_done = n_correct = 0
             try:
                 for lab in source:
                     pred = extract_answer(teacher.detokenize(lab.text_ids), complete=lab.finish_reason == "stop")
+                    problem = lab.pending.problem
                     meta = {
-                        "gold": lab.problem.gold,
+                        "gold": problem.gold,
                         "pred": pred,
-                        "correct": is_correct(pred, lab.problem.gold),
+                        "correct": is_correct(pred, problem.gold),
                         "tokens": len(lab.traj),
                         "finish_reason": lab.finish_reason,
                         "batch": batch,  # batched kernels may break near-ties differently
                         "trajectories": settings["trajectories"],
                     }
+                    if lab.pending.sample is not None:  # the split and the trainer group samples by problem
+                        meta.update(problem=problem.id, sample=lab.pending.sample)
                     arrays = {
                         "prompt": np.array(lab.prompt, np.int32),
                         "chosen": np.array(lab.traj, np.int32),
@@ -287,7 +317,7 @@ def label(
                         "teacher_logprobs": lab.t_lps.astype(np.float16),
                         "teacher_top1": lab.t_top1,
                     }
-                    write_label(out_dir, lab.problem.id, arrays, meta)
+                    write_label(out_dir, lab.pending.name, arrays, meta)
                     n_done += 1
                     n_correct += meta["correct"]
                     bar.update(note=f"{who} acc {n_correct / n_done:.2f}")

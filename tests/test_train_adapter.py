@@ -179,3 +179,49 @@ def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> 
     before = ad.evaluate(ad.add_lora(ad.load_slm(tiny_gguf), c), train_set)
     after = ad.evaluate(ad.load_adapter(tmp_path / "run", tiny_gguf, "last")[0], train_set)
     assert after["agreement"] > before["agreement"]
+
+
+def test_rejection_sampling(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
+    """Sampled answers: one trajectory per sample, split with its problem, kept only when right under
+    `only_correct`; `toward="chosen"` trains each position toward the token the answer took."""
+    out = tmp_path / "samples"
+    tiny = {"k": 4, "max_tokens": 12, "batch": 2, "threads": 1, "progress": False}
+    label(tiny_gguf, tiny_teacher_gguf, data, out, trajectories="slm", samples=2, temperature=1.5, **tiny)
+    trajs = ad.load_trajectories(out)
+    assert len({t.key for t in trajs}) == 6 and len({t.problem_id for t in trajs}) == 3
+    train, val = ad.split(trajs, cfg())
+    assert train and val and {t.problem_id for t in train}.isdisjoint({t.problem_id for t in val})
+    for t in trajs:  # as if each problem's first sample were right and its second wrong
+        t.correct = t.key.endswith(".s0")
+    kept, _ = ad.split(trajs, cfg(only_correct=True))
+    assert kept and all(t.key.endswith(".s0") for t in kept)
+
+    t = trajs[0]
+    took = torch.from_numpy((t.ids == t.chosen[:, None]).argmax(1))  # sampled from the top-K: always there
+    target = objective.chosen_target(t, torch.log_softmax(torch.from_numpy(t.teacher), -1))
+    assert torch.equal(target.argmax(-1), took) and torch.allclose(target.exp().sum(-1), torch.ones(len(took)))
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
+    model.eval()
+    c = cfg(toward="chosen", divergent_weight=1.0)
+    with torch.no_grad():
+        sel = ad.losses(model, t, c, np.random.default_rng(0))["select"]
+        _, cand = objective.candidate_logits(model, t)
+    ce = torch.nn.functional.cross_entropy(cand, took)  # one-hot target: KL + cross-entropy = 2x the CE
+    torch.testing.assert_close(sel, 2 * ce, rtol=1e-4, atol=1e-4)
+    with pytest.raises(S2TError, match="unknown adapter target"):
+        ad.losses(model, t, cfg(toward="nope"), np.random.default_rng(0))
+
+    r = ad.train_adapter(out, tiny_gguf, tmp_path / "run", cfg(toward="chosen", epochs=4), threads=1, progress=False)
+    assert r["config"]["toward"] == "chosen"
+    train_set = [t for t in trajs if t.key not in r["problems"]["val_ids"]]
+
+    @torch.no_grad()
+    def took_rate(m) -> float:
+        m.eval()
+        hit = [
+            (objective.candidate_logits(m, t)[1].argmax(-1).numpy() == (t.ids == t.chosen[:, None]).argmax(1))
+            for t in train_set
+        ]
+        return float(np.concatenate(hit).mean())
+
+    assert took_rate(ad.load_adapter(tmp_path / "run", tiny_gguf, "last")[0]) > took_rate(model)

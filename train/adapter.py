@@ -62,6 +62,9 @@ class AdapterConfig:
     objective: str = "select"
     early_weight: float = 1.0  # positions in the first `early_fraction` of each answer weigh this much more
     early_fraction: float = 0.25
+    # what each position is trained toward: "teacher" (its selection among the K candidates) or
+    # "chosen" (the token the trajectory took: with right samples only, rejection sampling)
+    toward: str = "teacher"
 
 
 def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):

@@ -47,6 +47,10 @@ def selection_losses(
     model; `scored` [T, K] replaces the logits the selection is trained on (not the KL's)."""
     scored = logits if scored is None else scored
     teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
+    if cfg.toward == "chosen":
+        teacher = chosen_target(t, teacher)
+    elif cfg.toward != "teacher":
+        raise S2TError(f"unknown adapter target {cfg.toward!r}")
     target = teacher.argmax(-1)
     div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
     w = 1 + (cfg.divergent_weight - 1) * div
@@ -76,6 +80,14 @@ def selection_losses(
     base_rest = torch.log1p(-base.exp().sum(-1).clamp(max=1 - 1e-6))
     kl = (base.exp() * (base - ad)).sum(-1) + base_rest.exp() * (base_rest - ad_rest)
     return {"select": sel, "kl": kl.mean(), "loss": sel + cfg.kl_weight * kl.mean()}
+
+
+def chosen_target(t: Trajectory, teacher: torch.Tensor) -> torch.Tensor:
+    """Log-probs [T, K] all on the token the trajectory took (rejection sampling: a right answer's
+    own tokens are the targets); where that token is not among the K candidates, the teacher's."""
+    hit = torch.from_numpy(t.ids == t.chosen[:, None])
+    onehot = torch.where(hit, 0.0, -1e4)  # log of a one-hot, finite so the KL term stays 0 * finite
+    return torch.where(hit.any(-1, keepdim=True), onehot, teacher)
 
 
 @torch.no_grad()

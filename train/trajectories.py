@@ -29,7 +29,14 @@ class Trajectory:
     teacher: np.ndarray  # [T, K] teacher log-probs
     base: np.ndarray  # [T, K] frozen SLM full-vocabulary log-probs
     correct: bool
-    source: str = "teacher-greedy"  # whose trajectory: teacher-greedy, slm-greedy, adapter-greedy:<sha256>
+    source: str = "teacher-greedy"  # whose: teacher-greedy, slm-greedy / -sample, adapter-greedy / -sample:<sha256>
+    chosen: np.ndarray | None = None  # [T] the token the trajectory took at each position
+
+    @property
+    def filtered(self) -> bool:
+        """Kept only when right under `only_correct`: demonstrations (the teacher's answers) and
+        samples (rejection sampling), not the student's greedy path the teacher corrects."""
+        return self.source == "teacher-greedy" or "-sample" in self.source
 
 
 def label_dirs(labels: Path | Sequence[Path]) -> list[Path]:
@@ -56,8 +63,8 @@ def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory:
     meta, a = read_label(path)
     kk = k or a["slm_ids"].shape[1]
     return Trajectory(
-        f"{label_dir.name}/{meta['problem_id']}",
-        meta["problem_id"],
+        f"{label_dir.name}/{meta['problem_id']}",  # a sample's id is its problem's plus ".s<j>"
+        meta.get("problem", meta["problem_id"]),
         np.concatenate([a["prompt"], a["chosen"][:-1]]).astype(np.int64),
         len(a["prompt"]) - 1,
         a["slm_ids"][:, :kk].astype(np.int64),
@@ -65,6 +72,7 @@ def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory:
         a["slm_logprobs"][:, :kk].astype(np.float32),
         bool(meta["correct"]) and meta["finish_reason"] == "stop",  # a cut answer is never "right"
         meta.get("trajectories", "teacher-greedy"),  # older label files: the teacher's
+        a["chosen"].astype(np.int64),
     )
 
 
@@ -79,8 +87,8 @@ def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory]
     however many problems are labelled: runs on more labels are measured on a superset of the
     same validation problems, and a problem labelled in several folders is on one side only.
 
-    `only_correct` filters the teacher's trajectories by their answer (demonstrations); the
-    student's own trajectories are kept whatever their answer (there the teacher corrects it)."""
+    `only_correct` filters the teacher's trajectories and the student's samples by their answer;
+    the student's own greedy trajectories are kept whatever their answer (the teacher corrects them)."""
     if cfg.split != "hash":
         raise S2TError(f"unknown adapter split {cfg.split!r}")
     u = {t.problem_id: _unit_hash(cfg.seed, t.problem_id) for t in trajs}
@@ -88,7 +96,7 @@ def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory]
     if not any(in_val.values()):  # a handful of problems: still one to validate on
         in_val[min(u, key=u.__getitem__)] = True
     val = [t for t in trajs if in_val[t.problem_id]]
-    keep = [t.correct or not cfg.only_correct or t.source != "teacher-greedy" for t in trajs]
+    keep = [t.correct or not cfg.only_correct or not t.filtered for t in trajs]
     train = [t for t, ok in zip(trajs, keep) if not in_val[t.problem_id] and ok]
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]

@@ -97,10 +97,43 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
     default=None,
     help="With --trajectories slm: decode under this bundle's LoRA adapter (its own states).",
 )
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --temperature: answers sampled per problem (one label file each).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="With --trajectories slm: sample from the SLM's top-K at this temperature (0: greedy).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="The sampler's seed.")
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
-def label(slm, teacher, data, out, limit, skip, k, max_tokens, batch, trajectories, bundle, threads, gpu_layers, pull):
+def label(
+    slm,
+    teacher,
+    data,
+    out,
+    limit,
+    skip,
+    k,
+    max_tokens,
+    batch,
+    trajectories,
+    bundle,
+    samples,
+    temperature,
+    seed,
+    threads,
+    gpu_layers,
+    pull,
+):
     """Compact teacher labels over the SLM's top-K at every position of a trajectory (for `train --labels`)."""
     from s2t_edge.label import label as run
     from s2t_edge.store import resolve_model
@@ -117,10 +150,13 @@ def label(slm, teacher, data, out, limit, skip, k, max_tokens, batch, trajectori
         batch=batch,
         trajectories=trajectories,
         bundle=bundle,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
         threads=threads,
         gpu_layers=gpu_layers,
     )
-    click.echo(f"{m['problems']} problems labelled → {out}")
+    click.echo(f"{m['problems']} label files → {out}")
 
 
 @click.group()

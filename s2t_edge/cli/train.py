@@ -21,6 +21,7 @@ ADAPTER_ONLY = {
     "layers",
     "objective",
     "early_weight",
+    "toward",
 }
 
 
@@ -105,6 +106,14 @@ def report_keys(path: Path) -> list[str]:
     show_default=True,
     help="Adapter: weight of the positions in the first quarter of each answer (its setup).",
 )
+@click.option(
+    "--toward",
+    type=click.Choice(["teacher", "chosen"]),
+    default="teacher",
+    show_default=True,
+    help="Adapter: train each position toward the teacher's selection, or toward the token the trajectory "
+    "took (chosen: with sampled answers, of which only the right ones are kept, rejection sampling).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
 @click.option("--json", "as_json", is_flag=True)
@@ -130,6 +139,7 @@ def train(
     layers,
     objective,
     early_weight,
+    toward,
     seed,
     threads,
     as_json,
@@ -163,6 +173,7 @@ def train(
             layers=layers,
             objective=objective,
             early_weight=early_weight,
+            toward=toward,
         )
         keys = None if problems_of is None else report_keys(problems_of)
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
