@@ -337,16 +337,21 @@ def summarize_labels(out_dir: Path) -> dict:
         raise S2TError(f"{out_dir}: no label files; run `s2t-edge label` first")
     n_correct = n_cut = 0
     ranks = []
+    solved: dict[str, bool] = {}  # problem -> any of its answers right (sampled folders hold several)
     for p in paths:
         meta, a = read_label(p)
         n_correct += bool(meta["correct"])
+        q = meta.get("problem", meta["problem_id"])
+        solved[q] = solved.get(q, False) or bool(meta["correct"])
         n_cut += meta["finish_reason"] != "stop"
         hit = a["slm_ids"] == a["teacher_top1"][:, None]
         ranks.append(np.where(hit.any(1), hit.argmax(1) + 1, 0))  # 1-based rank, 0 = outside top-K
     r = np.concatenate(ranks)
     div = r != 1
     return {
-        "problems": len(paths),
+        "problems": len(solved),
+        "answers": len(paths),
+        "solved": sum(solved.values()),  # problems with at least one right answer
         "trajectories": (read_manifest(out_dir) or {}).get("settings", {}).get("trajectories"),
         "accuracy": n_correct / len(paths),  # of the labelled trajectories' answers
         "truncated": n_cut,
@@ -355,5 +360,5 @@ def summarize_labels(out_dir: Path) -> dict:
         "divergence_rate": float(div.mean()),
         "at_divergence_rank2": float((r[div] == 2).mean()) if div.any() else None,
         "at_divergence_in_topk": float((r[div] > 0).mean()) if div.any() else None,
-        "bytes_per_problem": int(sum(p.stat().st_size for p in paths) / len(paths)),
+        "bytes_per_answer": int(sum(p.stat().st_size for p in paths) / len(paths)),
     }

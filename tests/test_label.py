@@ -50,7 +50,7 @@ def test_labels_are_what_the_models_compute(labels: Path, tiny_gguf: Path, tiny_
 
 def test_summary_and_resume(labels: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
     s = summarize_labels(labels)
-    assert s["problems"] == 3 and s["k"] == 4 and 0 <= s["divergence_rate"] <= 1
+    assert s["problems"] == s["answers"] == 3 and s["k"] == 4 and 0 <= s["divergence_rate"] <= 1
     assert s["positions"] == sum(read_label(p)[0]["tokens"] for p in shard_paths(labels))
     before = {p.name: p.stat().st_mtime_ns for p in shard_paths(labels)}
     label(tiny_gguf, tiny_teacher_gguf, data, labels, **TINY)
@@ -138,6 +138,8 @@ def test_sampled_trajectories(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf
     assert all(m["problem_id"] == f"{m['problem']}.s{m['sample']}" and m["trajectories"] == "slm-sample" for m in metas)
     with Engine(tiny_gguf, n_ctx=256, n_threads=1) as slm:
         check_slm_trajectory_labels(out, tiny_gguf, tiny_teacher_gguf, slm, n=6, greedy=False)
+    summary = summarize_labels(out)
+    assert summary["problems"] == 3 and summary["answers"] == 6 and 0 <= summary["solved"] <= 3
     chosen = {p.name: read_label(p)[1]["chosen"] for p in paths}
     assert any((read_label(p)[1]["slm_ids"][:, 0] != chosen[p.name]).any() for p in paths)  # sampled, not greedy
     before = {p.name: p.stat().st_mtime_ns for p in paths}

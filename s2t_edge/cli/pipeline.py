@@ -156,7 +156,7 @@ def label(
         threads=threads,
         gpu_layers=gpu_layers,
     )
-    click.echo(f"{m['problems']} label files → {out}")
+    click.echo(f"{m['problems']} {'problems' if samples == 1 else 'answers'} labelled → {out}")
 
 
 @click.group()
@@ -191,9 +191,10 @@ def labels_cmd(labels, as_json):
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
+    solved = f", {r['solved']} problems solved by at least one" if r["answers"] > r["problems"] else ""
     line = (
-        f"{r['problems']} problems ({r['truncated']} cut at max tokens), "
-        f"{r['trajectories']} trajectories, accuracy {r['accuracy']:.1%}; "
+        f"{r['problems']} problems, {r['answers']} answers ({r['truncated']} cut at max tokens), "
+        f"{r['trajectories']} trajectories, accuracy {r['accuracy']:.1%}{solved}; "
         f"{r['positions']} positions, the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}"
     )
     if r["at_divergence_rank2"] is not None:
@@ -201,7 +202,7 @@ def labels_cmd(labels, as_json):
             f"; there it is the SLM's 2nd candidate {r['at_divergence_rank2']:.1%}, "
             f"inside its top-{r['k']} {r['at_divergence_in_topk']:.1%}"
         )
-    click.echo(f"{line}; {r['bytes_per_problem'] / 1024:.1f} KB per problem")
+    click.echo(f"{line}; {r['bytes_per_answer'] / 1024:.1f} KB per answer")
 
 
 @click.group()
