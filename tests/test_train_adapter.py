@@ -187,6 +187,8 @@ def test_rejection_sampling(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: 
     out = tmp_path / "samples"
     tiny = {"k": 4, "max_tokens": 12, "batch": 2, "threads": 1, "progress": False}
     label(tiny_gguf, tiny_teacher_gguf, data, out, trajectories="slm", samples=2, temperature=1.5, **tiny)
+    slm_labels = tmp_path / "greedy"
+    label(tiny_gguf, tiny_teacher_gguf, data, slm_labels, trajectories="slm", **tiny)
     trajs = ad.load_trajectories(out)
     assert len({t.key for t in trajs}) == 6 and len({t.problem_id for t in trajs}) == 3
     train, val = ad.split(trajs, cfg())
@@ -195,6 +197,10 @@ def test_rejection_sampling(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: 
         t.correct = t.key.endswith(".s0")
     kept, _ = ad.split(trajs, cfg(only_correct=True))
     assert kept and all(t.key.endswith(".s0") for t in kept)
+    own = ad.load_trajectories(slm_labels)  # the SLM's greedy answers: kept wrong, unless imitated
+    for t in own:
+        t.correct = False
+    assert ad.split(own, cfg(only_correct=True))[0] and not ad.split(own, cfg(only_correct=True, toward="chosen"))[0]
 
     t = trajs[0]
     took = torch.from_numpy((t.ids == t.chosen[:, None]).argmax(1))  # sampled from the top-K: always there

@@ -88,7 +88,8 @@ def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory]
     same validation problems, and a problem labelled in several folders is on one side only.
 
     `only_correct` filters the teacher's trajectories and the student's samples by their answer;
-    the student's own greedy trajectories are kept whatever their answer (the teacher corrects them)."""
+    the student's own greedy trajectories are kept whatever their answer (the teacher corrects them),
+    except when trained toward their own tokens (`toward="chosen"`)."""
     if cfg.split != "hash":
         raise S2TError(f"unknown adapter split {cfg.split!r}")
     u = {t.problem_id: _unit_hash(cfg.seed, t.problem_id) for t in trajs}
@@ -96,7 +97,8 @@ def split(trajs: list[Trajectory], cfg: AdapterConfig) -> tuple[list[Trajectory]
     if not any(in_val.values()):  # a handful of problems: still one to validate on
         in_val[min(u, key=u.__getitem__)] = True
     val = [t for t in trajs if in_val[t.problem_id]]
-    keep = [t.correct or not cfg.only_correct or not t.filtered for t in trajs]
+    # toward the chosen tokens every trajectory is a demonstration: a wrong answer is never imitated
+    keep = [t.correct or not cfg.only_correct or not (t.filtered or cfg.toward == "chosen") for t in trajs]
     train = [t for t, ok in zip(trajs, keep) if not in_val[t.problem_id] and ok]
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]
