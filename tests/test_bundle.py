@@ -17,6 +17,8 @@ from s2t_edge.errors import S2TError
 from s2t_edge.manifest import FORMAT_VERSION
 from tests.test_adapter import adapter_bundle
 
+RERANKER_V1 = Path(__file__).parent / "data" / "reranker-bundle-v1"  # the format-1 bundle shipped until adapter 9
+
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
@@ -50,6 +52,17 @@ def test_adapter_bundle_loads(bundle: Path, tiny_gguf: Path, cache: Path) -> Non
     assert "adapter    LoRA r=4 alpha 8" in out.output and "top-1 agreement" in out.output
 
 
+def test_default_bundle_is_an_adapter_for_the_default_slm() -> None:
+    """The shipped default: format 2, a LoRA adapter made for the registry's default SLM, no reranker."""
+    from s2t_edge.store import default_model, load_registry
+
+    b = load_bundle(default_bundle_path())
+    slm = load_registry()[default_model()]
+    assert b.manifest["slm"]["name"] == slm.name and b.manifest["slm"]["sha256"] == slm.sha256
+    assert b.manifest["format_version"] == 2 and b.adapter is not None and not b.has_reranker
+    assert b.adapter["base_sha256"] == slm.sha256 and b.adapter["size"] <= 20_000_000
+
+
 def _cli():
     from s2t_edge.cli import main
 
@@ -57,8 +70,7 @@ def _cli():
 
 
 def test_format_1_bundle_still_loads(tmp_path: Path) -> None:
-    shipped = default_bundle_path()
-    assert shipped is not None
+    shipped = RERANKER_V1
     b = load_bundle(shipped)
     assert b.manifest["format_version"] == 1 and b.has_reranker and b.adapter is None and b.adapter_path is None
     assert b.k == 8 and 0 <= b.threshold <= 1 and b.onnx_path.is_file()
@@ -182,7 +194,7 @@ def test_bad_manifest_refused(bundle: Path, tmp_path: Path, path: str, value, me
     ],
 )
 def test_bad_reranker_manifest_refused(tmp_path: Path, key: str, value, message: str) -> None:
-    root = copy(default_bundle_path(), tmp_path / "v1")
+    root = copy(RERANKER_V1, tmp_path / "v1")
     edit(root, _set(key, value))
     with pytest.raises(S2TError, match=message):
         load_bundle(root)

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from s2t_edge.bundle import MANIFEST, default_bundle_path, load_bundle
+from s2t_edge.bundle import MANIFEST, load_bundle
 from s2t_edge.decode import decode
 from s2t_edge.engine import ContextOverflow, Engine
 from s2t_edge.errors import S2TError
@@ -29,6 +29,7 @@ from s2t_edge.eval.data import gold_answer, load_problems
 from s2t_edge.manifest import MAX_K, NEVER_FIRES
 from s2t_edge.policy import greedy
 from tests.hostile import TRIED, assert_invariant, cli, cli_proc, refused
+from tests.test_bundle import RERANKER_V1
 
 SCALE = int(os.environ.get("S2T_HOSTILE_SCALE", "1"))
 settings.register_profile(
@@ -89,11 +90,10 @@ def mutate(m: dict, path: tuple, op: str, value) -> None:
 
 @pytest.fixture(scope="module")
 def manifest_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> dict[str, Path]:
-    """Copies of the shipped format-1 bundle and of a tiny adapter bundle (format 2), to damage."""
+    """Copies of the format-1 reranker bundle shipped until adapter 9 and of a tiny adapter bundle
+    (format 2), to damage."""
     root = tmp_path_factory.mktemp("manifests")
-    shipped = default_bundle_path()
-    assert shipped is not None
-    out = {"shipped": Path(shutil.copytree(shipped, root / "shipped"))}
+    out = {"shipped": Path(shutil.copytree(RERANKER_V1, root / "shipped"))}
     pytest.importorskip("peft")
     from tests.test_adapter import adapter_bundle
 

@@ -130,7 +130,7 @@ def test_generate_json_stats(slm_path: Path) -> None:
 
 
 def test_default_bundle_runs_s2t_local(slm_path: Path) -> None:
-    """The shipped bundle is verified against the real SLM and reranks as it decodes."""
+    """The shipped bundle is verified against the real SLM and decodes s2t-local with its adapter."""
     r = run_cli(
         slm_path,
         "generate",
