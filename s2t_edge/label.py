@@ -67,8 +67,17 @@ class _Pending:
 
     @property
     def name(self) -> str:
-        """The label file's id: the problem's, with `.s<j>` for its j-th sample."""
-        return self.problem.id if self.sample is None else f"{self.problem.id}.s{self.sample}"
+        return label_id(self.problem.id, self.sample)
+
+
+def label_id(problem_id: str, sample: int | None) -> str:
+    """A label file's id: the problem's, with `.s<j>` for its j-th sampled answer."""
+    return problem_id if sample is None else f"{problem_id}.s{sample}"
+
+
+def label_problem(meta: dict) -> str:
+    """The problem a label file answers (a sampled answer's file id carries `.s<j>`)."""
+    return meta.get("problem", meta["problem_id"])
 
 
 def slm_labels(slm: Engine, prompt: list[int], traj: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +256,7 @@ def label(
         write_manifest(out_dir, {"settings": settings, "data": data.name, "problems": len(shard_paths(out_dir))})
         done = {p.name for p in shard_paths(out_dir)}
         runs = [None] if temperature == 0 else list(range(samples))
-        todo = [(p, j) for p in problems for j in runs if shard_name(_Pending(p, [], [], j).name) not in done]
+        todo = [(p, j) for p in problems for j in runs if shard_name(label_id(p.id, j)) not in done]
         with contextlib.ExitStack() as stack:  # closes whichever engines were opened, however this ends
             # A cache per sequence: with one unified cache every token attends over all sequences' cells
             # (5x slower steps at 16 x 400 tokens); the queue keeps every slot busy, so the active
@@ -341,7 +350,7 @@ def summarize_labels(out_dir: Path) -> dict:
     for p in paths:
         meta, a = read_label(p)
         n_correct += bool(meta["correct"])
-        q = meta.get("problem", meta["problem_id"])
+        q = label_problem(meta)
         solved[q] = solved.get(q, False) or bool(meta["correct"])
         n_cut += meta["finish_reason"] != "stop"
         hit = a["slm_ids"] == a["teacher_top1"][:, None]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from s2t_edge.errors import S2TError
-from s2t_edge.label import read_label
+from s2t_edge.label import label_problem, read_label
 from s2t_edge.shards import shard_paths
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory:
     kk = k or a["slm_ids"].shape[1]
     return Trajectory(
         f"{label_dir.name}/{meta['problem_id']}",  # a sample's id is its problem's plus ".s<j>"
-        meta.get("problem", meta["problem_id"]),
+        label_problem(meta),
         np.concatenate([a["prompt"], a["chosen"][:-1]]).astype(np.int64),
         len(a["prompt"]) - 1,
         a["slm_ids"][:, :kk].astype(np.int64),
