@@ -216,6 +216,18 @@ def test_rejection_sampling(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: 
     torch.testing.assert_close(sel, 2 * ce, rtol=1e-4, atol=1e-4)
     with pytest.raises(S2TError, match="unknown adapter target"):
         ad.losses(model, t, cfg(toward="nope"), np.random.default_rng(0))
+    s = cfg(toward="samples", divergent_weight=1.0)  # a sample toward its own tokens, a greedy path toward the teacher
+    with torch.no_grad():
+        torch.testing.assert_close(ad.losses(model, t, s, np.random.default_rng(0))["select"], sel)
+        g = own[0]
+        by_teacher = ad.losses(model, g, cfg(divergent_weight=1.0), np.random.default_rng(0))["select"]
+        torch.testing.assert_close(ad.losses(model, g, s, np.random.default_rng(0))["select"], by_teacher)
+
+    first = own[0].key  # a report's keys from one folder; a folder they never name is taken whole
+    r = ad.train_adapter(
+        [slm_labels, out], tiny_gguf, tmp_path / "keys", cfg(), threads=1, progress=False, keys=[first]
+    )
+    assert r["problems"]["keys"] == [first] + [t.key for t in trajs]
 
     r = ad.train_adapter(out, tiny_gguf, tmp_path / "run", cfg(toward="chosen", epochs=4), threads=1, progress=False)
     assert r["config"]["toward"] == "chosen"

@@ -62,8 +62,9 @@ class AdapterConfig:
     objective: str = "select"
     early_weight: float = 1.0  # positions in the first `early_fraction` of each answer weigh this much more
     early_fraction: float = 0.25
-    # what each position is trained toward: "teacher" (its selection among the K candidates) or
-    # "chosen" (the token the trajectory took: with right samples only, rejection sampling)
+    # what each position is trained toward: "teacher" (its selection among the K candidates),
+    # "chosen" (the token the trajectory took: with right samples only, rejection sampling), or
+    # "samples" (the chosen tokens on sampled answers, the teacher's selection on every other trajectory)
     toward: str = "teacher"
 
 
@@ -117,8 +118,9 @@ def train_adapter(
 
     A run keeps the problems it started with: labelling may go on in the same folder, and a
     resumed run still trains on exactly the first run's split (new problems wait for a new run).
-    `keys` (a report's `problems.keys`) restricts a new run to the trajectories another run had:
-    a bundle is rebuilt from folders that have grown since."""
+    `keys` (a report's `problems.keys`) restricts a new run to the trajectories another run had in
+    the folders it trained on (a bundle is rebuilt from folders that have grown since); a folder
+    the keys never name is taken whole (that run's data plus a new folder)."""
     from s2t_edge.locks import lock_folder
 
     cfg = cfg or AdapterConfig()
@@ -160,7 +162,8 @@ def _train(
     if ck is not None:  # the trajectories the run started with, and no others
         trajs = _only(trajs, ck["problems"], where)
     elif keys is not None:
-        trajs = _only(trajs, keys, where)
+        named = {k.split("/", 1)[0] for k in keys}
+        trajs = _only(trajs, keys, where) + [t for t in trajs if t.key.split("/", 1)[0] not in named]
     train, val = split(trajs, cfg)
     if not train:
         raise S2TError(f"{where}: no training trajectories (only_correct={cfg.only_correct})")

@@ -47,9 +47,9 @@ def selection_losses(
     model; `scored` [T, K] replaces the logits the selection is trained on (not the KL's)."""
     scored = logits if scored is None else scored
     teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
-    if cfg.toward == "chosen":
+    if cfg.toward == "chosen" or (cfg.toward == "samples" and "-sample" in t.source):
         teacher = chosen_target(t, teacher)
-    elif cfg.toward != "teacher":
+    elif cfg.toward not in ("teacher", "samples"):
         raise S2TError(f"unknown adapter target {cfg.toward!r}")
     target = teacher.argmax(-1)
     div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1

@@ -76,7 +76,8 @@ def report_keys(path: Path) -> list[str]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="Adapter: train on exactly the labelled trajectories of the run in this report "
-    "(a bundle's train-report.json): rebuilds it from folders that have grown since.",
+    "(a bundle's train-report.json): rebuilds it from folders that have grown since; "
+    "a --labels folder the report does not name is taken whole.",
 )
 @click.option(
     "--targets",
@@ -108,11 +109,12 @@ def report_keys(path: Path) -> list[str]:
 )
 @click.option(
     "--toward",
-    type=click.Choice(["teacher", "chosen"]),
+    type=click.Choice(["teacher", "chosen", "samples"]),
     default="teacher",
     show_default=True,
     help="Adapter: train each position toward the teacher's selection, or toward the token the trajectory "
-    "took (chosen: with sampled answers, of which only the right ones are kept, rejection sampling).",
+    "took (chosen: with sampled answers, of which only the right ones are kept, rejection sampling), or "
+    "toward the token taken on sampled answers only and the teacher's selection elsewhere (samples).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
