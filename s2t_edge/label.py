@@ -10,7 +10,9 @@ Two kinds of trajectories, decoded many problems at once (one llama.cpp batch pe
   answers as training targets).
 Either way a position stores the SLM's top-K and the teacher's log-probability of each of those
 K ids. One small `.npz` per problem (no hidden states, ≈ 10 KB), written atomically, so a killed
-run resumes where it stopped and the labels can be committed.
+run resumes where it stopped and the labels can be committed. With `score="right"` only the right
+answers are scored (the prefills are most of a sampled answer's cost); a wrong one is kept as a
+record (its tokens and grade, `scored: false` in its meta) that training skips.
 
 Why the teacher's trajectories first: S2T (the teacher selecting among the SLM's top-K) and the
 teacher alone reach the same accuracy, the teacher's token lies in the SLM's top-8 at ≈ 98% of
@@ -21,6 +23,7 @@ the student where it actually goes (off the teacher's path), at about half the c
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,10 +127,10 @@ class _Labelled:
     traj: list[int]  # the end-of-turn token included
     text_ids: list[int]  # the answer without it (for grading)
     finish_reason: str
-    ids: np.ndarray
-    slm_lps: np.ndarray
-    t_lps: np.ndarray
-    t_top1: np.ndarray
+    ids: np.ndarray | None  # None: not scored (a wrong answer under score="right")
+    slm_lps: np.ndarray | None
+    t_lps: np.ndarray | None
+    t_top1: np.ndarray | None
 
 
 def _teacher_trajectories(slm: Engine, teacher: Engine, pending: list[_Pending], k: int, max_tokens: int):
@@ -151,12 +154,19 @@ def _teacher_trajectories(slm: Engine, teacher: Engine, pending: list[_Pending],
 
 
 def _slm_trajectories(
-    slm: Engine, decoder: Engine, teacher: Engine, pending: list[_Pending], k: int, max_tokens: int, policy: Policy
+    slm: Engine,
+    decoder: Engine,
+    teacher: Engine,
+    pending: list[_Pending],
+    k: int,
+    max_tokens: int,
+    policy: Policy,
+    worth_scoring: Callable[[_Pending, list[int], str], bool] | None = None,
 ):
     """The SLM (`decoder`: the same model, batched, with or without a bundle's adapter) decodes
     with `policy` (greedy, or a sampler over its top-K); each answer is then scored by the teacher
     in one prefill (exact log-probs, not a top cut) and, when an adapter decoded it, by the base
-    SLM in one more."""
+    SLM in one more — unless `worth_scoring(pending, answer, finish_reason)` says no."""
     base_decodes = decoder.lora_path is None
     rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
 
@@ -169,6 +179,10 @@ def _slm_trajectories(
     for i, out, stats in decode_batch(decoder, prompts, policy, max_tokens=max_tokens, on_logits=hook):
         q = pending[i]
         traj = out + ([stats.stop_token] if stats.stop_token is not None else [])
+        if worth_scoring is not None and not worth_scoring(q, out, stats.finish_reason):
+            rows.pop(i, None)
+            yield _Labelled(q, q.prompt, traj, out, stats.finish_reason, None, None, None, None)
+            continue
         if base_decodes:
             steps = rows.pop(i)
             ids, slm_lps = np.stack([s[0] for s in steps]).astype(np.int32), np.stack([s[1] for s in steps])
@@ -200,6 +214,7 @@ def label(
     samples: int = 1,
     temperature: float = 0.0,
     seed: int = 0,
+    score: str = "all",
     threads: int | None = None,
     gpu_layers: int = 0,
     progress: bool = True,
@@ -210,13 +225,19 @@ def label(
     `trajectories`: "teacher" (the teacher's greedy answers) or "slm" (the SLM's own greedy
     answers, i.e. the states it visits when it decodes alone; with `bundle`, those of the SLM
     under that bundle's adapter). `temperature` > 0 samples `samples` answers per problem from the
-    SLM's top-K instead of its greedy one (seeded: an uninterrupted run is reproduced exactly)."""
+    SLM's top-K instead of its greedy one (seeded: an uninterrupted run is reproduced exactly).
+    `score`: "all" answers, or only the "right" ones (rejection sampling: the wrong ones recorded
+    unscored)."""
     if trajectories not in TRAJECTORIES:
         raise S2TError(f"unknown trajectories {trajectories!r}; choose one of {', '.join(TRAJECTORIES)}")
     if temperature < 0 or samples < 1:
         raise S2TError("--temperature must be >= 0 and --samples >= 1")
     if temperature == 0 and samples > 1:
         raise S2TError("--samples N needs --temperature > 0 (greedy answers are all the same)")
+    if score not in ("all", "right"):
+        raise S2TError(f"unknown --score {score!r}; choose all or right")
+    if score == "right" and trajectories != "slm":
+        raise S2TError("--score right skips scoring the SLM's wrong answers: use it with --trajectories slm")
     if temperature > 0 and trajectories != "slm":
         raise S2TError("--temperature samples the SLM's own answers: use it with --trajectories slm")
     b = None
@@ -245,6 +266,8 @@ def label(
         settings["trajectories"] = f"adapter-{how}:{b.adapter['sha256']}"
     if temperature > 0:
         settings.update(samples=samples, temperature=temperature, seed=seed)
+    if score != "all":
+        settings["score"] = score  # older folders scored every answer and have no key
     if settings["teacher_top"] is None:
         del settings["teacher_top"]  # exact teacher log-probs (older folders keep their key)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,22 +318,28 @@ def label(
                     f"problem {q.problem.id}: its {len(q.prompt)}-token prompt + --max-tokens {max_tokens} > the "
                     f"{decoder.n_ctx_seq} tokens a sequence can hold; lower --max-tokens"
                 )
+
+            def grade(q: _Pending, answer: list[int], finish_reason: str) -> tuple[str | None, bool]:
+                pred = extract_answer(teacher.detokenize(answer), complete=finish_reason == "stop")
+                return pred, is_correct(pred, q.problem.gold)
+
             if trajectories == "teacher":
                 source = _teacher_trajectories(slm, teacher, pending, k, max_tokens)
             else:
                 policy = greedy(1) if temperature == 0 else sampling(temperature, top_k=k, seed=seed)
-                source = _slm_trajectories(slm, decoder, teacher, pending, k, max_tokens, policy)
+                right = (lambda q, a, f: grade(q, a, f)[1]) if score == "right" else None
+                source = _slm_trajectories(slm, decoder, teacher, pending, k, max_tokens, policy, right)
             who = "teacher" if trajectories == "teacher" else "slm"
             bar = Progress(len(todo), "label", progress)
             n_done = n_correct = 0
             try:
                 for lab in source:
-                    pred = extract_answer(teacher.detokenize(lab.text_ids), complete=lab.finish_reason == "stop")
+                    pred, correct = grade(lab.pending, lab.text_ids, lab.finish_reason)
                     problem = lab.pending.problem
                     meta = {
                         "gold": problem.gold,
                         "pred": pred,
-                        "correct": is_correct(pred, problem.gold),
+                        "correct": correct,
                         "tokens": len(lab.traj),
                         "finish_reason": lab.finish_reason,
                         "batch": batch,  # batched kernels may break near-ties differently
@@ -318,13 +347,12 @@ def label(
                     }
                     if lab.pending.sample is not None:  # the split and the trainer group samples by problem
                         meta.update(problem=problem.id, sample=lab.pending.sample)
+                    if lab.ids is None:
+                        meta["scored"] = False
                     arrays = {
                         "prompt": np.array(lab.prompt, np.int32),
                         "chosen": np.array(lab.traj, np.int32),
-                        "slm_ids": lab.ids,
-                        "slm_logprobs": lab.slm_lps.astype(np.float16),
-                        "teacher_logprobs": lab.t_lps.astype(np.float16),
-                        "teacher_top1": lab.t_top1,
+                        **(_scores(lab) if lab.ids is not None else _unscored(k)),
                     }
                     write_label(out_dir, lab.pending.name, arrays, meta)
                     n_done += 1
@@ -338,13 +366,32 @@ def label(
     return manifest
 
 
+def _scores(lab: _Labelled) -> dict[str, np.ndarray]:
+    return {
+        "slm_ids": lab.ids,
+        "slm_logprobs": lab.slm_lps.astype(np.float16),
+        "teacher_logprobs": lab.t_lps.astype(np.float16),
+        "teacher_top1": lab.t_top1,
+    }
+
+
+def _unscored(k: int) -> dict[str, np.ndarray]:
+    """The score fields of an answer that was not scored: no rows."""
+    return {
+        "slm_ids": np.zeros((0, k), np.int32),
+        "slm_logprobs": np.zeros((0, k), np.float16),
+        "teacher_logprobs": np.zeros((0, k), np.float16),
+        "teacher_top1": np.zeros(0, np.int32),
+    }
+
+
 def summarize_labels(out_dir: Path) -> dict:
     """What a labels folder holds: problems, whose trajectories and their accuracy, and local
     sufficiency on them (how often the teacher's token is the SLM's top-1, 2nd, or inside its top-K)."""
     paths = shard_paths(out_dir)
     if not paths:
         raise S2TError(f"{out_dir}: no label files; run `s2t-edge label` first")
-    n_correct = n_cut = 0
+    n_correct = n_cut = n_scored = 0
     ranks = []
     solved: dict[str, bool] = {}  # problem -> any of its answers right (sampled folders hold several)
     for p in paths:
@@ -353,6 +400,7 @@ def summarize_labels(out_dir: Path) -> dict:
         q = label_problem(meta)
         solved[q] = solved.get(q, False) or bool(meta["correct"])
         n_cut += meta["finish_reason"] != "stop"
+        n_scored += meta.get("scored", True)
         hit = a["slm_ids"] == a["teacher_top1"][:, None]
         ranks.append(np.where(hit.any(1), hit.argmax(1) + 1, 0))  # 1-based rank, 0 = outside top-K
     r = np.concatenate(ranks)
@@ -364,9 +412,10 @@ def summarize_labels(out_dir: Path) -> dict:
         "trajectories": (read_manifest(out_dir) or {}).get("settings", {}).get("trajectories"),
         "accuracy": n_correct / len(paths),  # of the labelled trajectories' answers
         "truncated": n_cut,
+        "scored": n_scored,  # answers with the SLM's top-K and the teacher's log-probs (score="right": the right ones)
         "positions": int(len(r)),
         "k": int(a["slm_ids"].shape[1]),
-        "divergence_rate": float(div.mean()),
+        "divergence_rate": float(div.mean()) if len(r) else None,
         "at_divergence_rank2": float((r[div] == 2).mean()) if div.any() else None,
         "at_divergence_in_topk": float((r[div] > 0).mean()) if div.any() else None,
         "bytes_per_answer": int(sum(p.stat().st_size for p in paths) / len(paths)),

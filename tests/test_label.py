@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from s2t_edge.train.trajectories import load_trajectories
 
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.label import TEACHER_TOP, label, read_label, summarize_labels
-from s2t_edge.shards import shard_paths
+from s2t_edge.shards import read_manifest, shard_paths
 from s2t_edge.teacher import log_softmax
 
 TINY = {"k": 4, "max_tokens": 12, "batch": 2, "threads": 1, "progress": False}
@@ -158,6 +159,36 @@ def test_sampled_trajectories(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf
         label(tiny_gguf, tiny_teacher_gguf, data, out, **{**args, "seed": 2})
     with pytest.raises(S2TError, match="--samples N needs --temperature"):
         label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "x", **{**args, "temperature": 0.0})
+    with pytest.raises(S2TError, match="--score right skips"):
+        label(
+            tiny_gguf, tiny_teacher_gguf, data, tmp_path / "z", **{**args, "trajectories": "teacher", "score": "right"}
+        )
+
+
+def test_score_right_only(
+    tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`score="right"`: the same seeded answers, the right ones scored exactly as `score="all"`
+    scores them, the wrong ones recorded unscored (tokens and grade) and left out of training."""
+    args = {**TINY, "trajectories": "slm", "samples": 2, "temperature": 1.5, "seed": 1}
+    full, right = tmp_path / "all", tmp_path / "right"
+    label(tiny_gguf, tiny_teacher_gguf, data, full, **args)
+    gold = read_label(shard_paths(full)[0])[0]["gold"]
+    monkeypatch.setattr("s2t_edge.label.is_correct", lambda pred, g: g == gold)  # the first problem's answers are right
+    label(tiny_gguf, tiny_teacher_gguf, data, right, **args, score="right")
+    assert read_manifest(right)["settings"]["score"] == "right"
+    kept = 0
+    for p, q in zip(shard_paths(full), shard_paths(right), strict=True):
+        (_, a), (meta, b) = read_label(p), read_label(q)
+        assert p.name == q.name and np.array_equal(a["chosen"], b["chosen"])
+        if meta["correct"]:
+            kept += 1
+            assert "scored" not in meta and all(np.array_equal(a[f], b[f]) for f in a)
+        else:
+            assert meta["scored"] is False and b["slm_ids"].shape == (0, TINY["k"]) and len(b["teacher_top1"]) == 0
+    assert 0 < kept < 6
+    assert len(load_trajectories(right)) == kept
+    assert summarize_labels(right)["scored"] == kept and summarize_labels(right)["answers"] == 6
     with pytest.raises(S2TError, match="use it with --trajectories slm"):
         label(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "y", **{**args, "trajectories": "teacher"})
 

@@ -49,18 +49,21 @@ def label_dirs(labels: Path | Sequence[Path]) -> list[Path]:
 
 
 def load_trajectories(labels: Path | Sequence[Path], k: int | None = None) -> list[Trajectory]:
-    """Every label file of the labels folder(s), folder by folder in problem-id order."""
+    """Every scored label file of the labels folder(s), folder by folder in problem-id order
+    (a wrong answer `label --score right` recorded unscored is no training data)."""
     out = []
     for label_dir in label_dirs(labels):
         paths = shard_paths(label_dir)
         if not paths:
             raise S2TError(f"{label_dir}: no label files; run `s2t-edge label` first")
-        out += [_trajectory(label_dir, p, k) for p in paths]
+        out += [t for t in (_trajectory(label_dir, p, k) for p in paths) if t is not None]
     return out
 
 
-def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory:
+def _trajectory(label_dir: Path, path: Path, k: int | None) -> Trajectory | None:
     meta, a = read_label(path)
+    if not meta.get("scored", True):
+        return None
     kk = k or a["slm_ids"].shape[1]
     return Trajectory(
         f"{label_dir.name}/{meta['problem_id']}",  # a sample's id is its problem's plus ".s<j>"

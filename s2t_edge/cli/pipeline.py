@@ -112,6 +112,14 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
     help="With --trajectories slm: sample from the SLM's top-K at this temperature (0: greedy).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="The sampler's seed.")
+@click.option(
+    "--score",
+    type=click.Choice(["all", "right"]),
+    default="all",
+    show_default=True,
+    help="With --trajectories slm: score every answer, or only the right ones (rejection sampling; "
+    "the wrong ones are recorded unscored, without their prefills).",
+)
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
@@ -130,6 +138,7 @@ def label(
     samples,
     temperature,
     seed,
+    score,
     threads,
     gpu_layers,
     pull,
@@ -153,6 +162,7 @@ def label(
         samples=samples,
         temperature=temperature,
         seed=seed,
+        score=score,
         threads=threads,
         gpu_layers=gpu_layers,
     )
