@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from s2t_edge.label import read_label
+from s2t_edge.label_files import read_label
 from s2t_edge.shards import shard_paths
 
 dirs = sys.argv[1:]

@@ -10,7 +10,8 @@ from s2t_edge.train.trajectories import load_trajectories
 
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
-from s2t_edge.label import TEACHER_TOP, label, read_label, summarize_labels
+from s2t_edge.label import TEACHER_TOP, label
+from s2t_edge.label_files import read_label, summarize_labels
 from s2t_edge.shards import read_manifest, shard_paths
 from s2t_edge.teacher import log_softmax
 

@@ -32,7 +32,7 @@ from s2t_edge.train.trajectories import (  # noqa: F401  (split, run_label_dirs:
 from s2t_edge.train.trunk import TrunkCache, decoder, split_layer
 
 from s2t_edge.errors import S2TError
-from s2t_edge.label import read_label
+from s2t_edge.label_files import read_label
 from s2t_edge.progress import Progress
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

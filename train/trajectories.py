@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from s2t_edge.errors import S2TError
-from s2t_edge.label import label_problem, read_label
+from s2t_edge.label_files import label_problem, read_label
 from s2t_edge.shards import shard_paths
 
 if TYPE_CHECKING:

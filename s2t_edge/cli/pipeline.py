@@ -195,7 +195,7 @@ def coverage(groups, as_json, plot):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def labels_cmd(labels, as_json):
     """What a labels folder holds: problems, their trajectories' accuracy, local sufficiency on them."""
-    from s2t_edge.label import summarize_labels
+    from s2t_edge.label_files import summarize_labels
 
     r = summarize_labels(labels)
     if as_json:
