@@ -202,11 +202,13 @@ def labels_cmd(labels, as_json):
         click.echo(json.dumps(r, indent=2))
         return
     solved = f", {r['solved']} problems solved by at least one" if r["answers"] > r["problems"] else ""
+    scored = f", {r['scored']} scored" if r["scored"] < r["answers"] else ""
     line = (
-        f"{r['problems']} problems, {r['answers']} answers ({r['truncated']} cut at max tokens), "
-        f"{r['trajectories']} trajectories, accuracy {r['accuracy']:.1%}{solved}; "
-        f"{r['positions']} positions, the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}"
+        f"{r['problems']} problems, {r['answers']} answers ({r['truncated']} cut at max tokens{scored}), "
+        f"{r['trajectories']} trajectories, accuracy {r['accuracy']:.1%}{solved}; {r['positions']} positions"
     )
+    if r["divergence_rate"] is not None:
+        line += f", the teacher's token differs from the SLM's top-1 at {r['divergence_rate']:.1%}"
     if r["at_divergence_rank2"] is not None:
         line += (
             f"; there it is the SLM's 2nd candidate {r['at_divergence_rank2']:.1%}, "
