@@ -144,9 +144,12 @@ def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path
     args = ["train", "--labels", labels, "--slm", tiny_gguf, "--rank", "4", "--all-trajectories", "--threads", "1"]
     args.append("--json")
     refused(cli(*args, "--problems-of", old, "--out", tmp_path / "x"), "an old report", "lists its problems")
-    r = cli(*args, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
+    early = ["--early-weight", "2", "--early-fraction", "0.5"]
+    r = cli(*args, *early, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
     assert r.code == 0, r.stderr
-    assert json.loads(r.stdout)["problems"]["keys"] == keys[1:]
+    report = json.loads(r.stdout)
+    assert report["problems"]["keys"] == keys[1:]
+    assert (report["config"]["early_weight"], report["config"]["early_fraction"]) == (2.0, 0.5)
 
 
 def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:

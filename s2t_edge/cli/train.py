@@ -21,6 +21,7 @@ ADAPTER_ONLY = {
     "layers",
     "objective",
     "early_weight",
+    "early_fraction",
     "toward",
 }
 
@@ -105,7 +106,14 @@ def report_keys(path: Path) -> list[str]:
     type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
-    help="Adapter: weight of the positions in the first quarter of each answer (its setup).",
+    help="Adapter: weight of the positions in the first --early-fraction of each answer (its setup).",
+)
+@click.option(
+    "--early-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="Adapter: how much of each answer --early-weight weighs.",
 )
 @click.option(
     "--toward",
@@ -141,6 +149,7 @@ def train(
     layers,
     objective,
     early_weight,
+    early_fraction,
     toward,
     seed,
     threads,
@@ -175,6 +184,7 @@ def train(
             layers=layers,
             objective=objective,
             early_weight=early_weight,
+            early_fraction=early_fraction,
             toward=toward,
         )
         keys = None if problems_of is None else report_keys(problems_of)
