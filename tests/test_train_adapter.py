@@ -144,12 +144,13 @@ def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path
     args = ["train", "--labels", labels, "--slm", tiny_gguf, "--rank", "4", "--all-trajectories", "--threads", "1"]
     args.append("--json")
     refused(cli(*args, "--problems-of", old, "--out", tmp_path / "x"), "an old report", "lists its problems")
-    early = ["--early-weight", "2", "--early-fraction", "0.5"]
+    early = ["--early-weight", "2", "--early-fraction", "0.5", "--teacher-kl-weight", "0.1"]
     r = cli(*args, *early, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
     assert r.code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["problems"]["keys"] == keys[1:]
     assert (report["config"]["early_weight"], report["config"]["early_fraction"]) == (2.0, 0.5)
+    assert report["config"]["teacher_kl_weight"] == 0.1
 
 
 def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
@@ -182,6 +183,25 @@ def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> 
     before = ad.evaluate(ad.add_lora(ad.load_slm(tiny_gguf), c), train_set)
     after = ad.evaluate(ad.load_adapter(tmp_path / "run", tiny_gguf, "last")[0], train_set)
     assert after["agreement"] > before["agreement"]
+
+
+def test_teacher_kl_weight(labels: Path, tiny_gguf: Path) -> None:
+    """The listwise loss is w x KL(teacher || adapted) over the K candidates + the cross-entropy
+    toward the teacher's choice: w = 1 ours, 0.1 the published S2T-LOCAL's, 0 the choice alone."""
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
+    model.eval()
+    t = ad.load_trajectories(labels)[0]
+    with torch.no_grad():
+        _, cand = objective.candidate_logits(model, t)
+        teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)
+        logp = torch.log_softmax(cand, -1)
+        kl = (teacher.exp() * (teacher - logp)).sum(-1)
+        ce = torch.nn.functional.cross_entropy(cand, teacher.argmax(-1), reduction="none")
+        for w in (1.0, 0.1, 0.0):
+            c = cfg(divergent_weight=1.0, teacher_kl_weight=w)
+            got = ad.losses(model, t, c, np.random.default_rng(0))["select"]
+            torch.testing.assert_close(got, (w * kl + ce).mean(), rtol=1e-4, atol=1e-5)
+    assert kl.mean() > 1e-4  # the weight is seen: the soft term is not zero on these labels
 
 
 def test_rejection_sampling(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:

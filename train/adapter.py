@@ -60,6 +60,9 @@ class AdapterConfig:
     # "select": listwise toward the teacher over the K candidates (renormalised); "vocab": cross-entropy
     # toward the teacher's choice over the whole vocabulary (plain distillation: no top-K restriction)
     objective: str = "select"
+    # "select": weight of the listwise KL to the teacher over the K candidates beside the cross-entropy
+    # toward its choice (1: ours so far; the published S2T-LOCAL loss uses 0.1)
+    teacher_kl_weight: float = 1.0
     early_weight: float = 1.0  # positions in the first `early_fraction` of each answer weigh this much more
     early_fraction: float = 0.25
     # what each position is trained toward: "teacher" (its selection among the K candidates),

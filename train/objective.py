@@ -68,7 +68,8 @@ def selection_losses(
         lse = lse_all[pos]
     elif cfg.objective == "select":
         logp = torch.log_softmax(scored, -1)
-        sel = (teacher.exp() * (teacher - logp)).sum(-1) + F.cross_entropy(scored, target, reduction="none")
+        soft = (teacher.exp() * (teacher - logp)).sum(-1)  # KL(teacher || adapted) over the K candidates
+        sel = cfg.teacher_kl_weight * soft + F.cross_entropy(scored, target, reduction="none")
         lse = torch.logsumexp(h[pos] @ head.T, -1, keepdim=True)
     else:
         raise S2TError(f"unknown adapter objective {cfg.objective!r}")

@@ -22,6 +22,7 @@ ADAPTER_ONLY = {
     "objective",
     "early_weight",
     "early_fraction",
+    "teacher_kl_weight",
     "toward",
 }
 
@@ -116,6 +117,14 @@ def report_keys(path: Path) -> list[str]:
     help="Adapter: how much of each answer --early-weight weighs.",
 )
 @click.option(
+    "--teacher-kl-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Adapter: weight of the KL to the teacher over the K candidates beside the cross-entropy "
+    "toward its choice (the published S2T-LOCAL loss: 0.1).",
+)
+@click.option(
     "--toward",
     type=click.Choice(["teacher", "chosen", "samples"]),
     default="teacher",
@@ -150,6 +159,7 @@ def train(
     objective,
     early_weight,
     early_fraction,
+    teacher_kl_weight,
     toward,
     seed,
     threads,
@@ -185,6 +195,7 @@ def train(
             objective=objective,
             early_weight=early_weight,
             early_fraction=early_fraction,
+            teacher_kl_weight=teacher_kl_weight,
             toward=toward,
         )
         keys = None if problems_of is None else report_keys(problems_of)
