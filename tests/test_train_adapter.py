@@ -144,6 +144,8 @@ def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path
     args = ["train", "--labels", labels, "--slm", tiny_gguf, "--rank", "4", "--all-trajectories", "--threads", "1"]
     args.append("--json")
     refused(cli(*args, "--problems-of", old, "--out", tmp_path / "x"), "an old report", "lists its problems")
+    vocab = ["--objective", "vocab", "--teacher-kl-weight", "0.1", "--out", tmp_path / "x"]
+    refused(cli(*args, *vocab), "a listwise weight on the vocab objective", "vocab has none")
     early = ["--early-weight", "2", "--early-fraction", "0.5", "--teacher-kl-weight", "0.1"]
     r = cli(*args, *early, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
     assert r.code == 0, r.stderr

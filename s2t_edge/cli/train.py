@@ -174,6 +174,8 @@ def train(
     if wrong:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(wrong))
         raise click.UsageError(f"{flags} do not apply to {'--labels (adapter)' if labels else '--groups (reranker)'}")
+    if objective == "vocab" and "teacher_kl_weight" in given:
+        raise click.UsageError("--teacher-kl-weight weighs the listwise term of --objective select; vocab has none")
     need_training_extra()
     from s2t_edge.store import resolve_model
 
