@@ -176,6 +176,11 @@ class Engine:
         """The loaded adapter's file, or None."""
         return self._lora.path if self._lora else None
 
+    @property
+    def lora_scale(self) -> float | None:
+        """The scale the loaded adapter is applied at, or None."""
+        return self._lora.scale if self._lora else None
+
     def use_lora(self, on: bool) -> None:
         """Switch the loaded adapter on or off. The KV cache was computed by the other model, so
         it is dropped whenever this changes anything."""

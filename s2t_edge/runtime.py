@@ -57,6 +57,7 @@ def open_models(
     unified: bool | None = None,
     progress: bool = True,
     pull: bool | None = None,
+    adapter_scale: float | None = None,
 ) -> Models:
     """Load the SLM, its bundle and an optional teacher.
 
@@ -65,6 +66,7 @@ def open_models(
     against the GGUF before anything is decoded. `n_seq` / `teacher_seq` sequences share each
     model's context (`ctx` cells: one unified KV cache, or with `unified=False` a cache of
     `ctx / n_seq` cells per sequence; see `Engine`). `pull`: see `store.resolve_model`.
+    `adapter_scale` overrides the scale the bundle applies its LoRA adapter at.
     """
     if bundle is None or bundle == "none":
         slm_path = resolve_model(model, progress=progress, pull=pull)
@@ -77,6 +79,8 @@ def open_models(
             else resolve_model(model, progress=progress, pull=pull)
         )
 
+    if adapter_scale is not None and (chosen is None or chosen.adapter_path is None):
+        raise S2TError("--adapter-scale needs a bundle with a LoRA adapter (this run has none)")
     slm = Engine(
         slm_path,
         n_ctx=ctx,
@@ -89,7 +93,7 @@ def open_models(
     if chosen is not None:
         chosen.check_slm(slm_path, slm.n_vocab)  # before the adapter is loaded or anything decodes
         if chosen.adapter_path is not None:
-            slm.load_lora(chosen.adapter_path, chosen.adapter_scale)
+            slm.load_lora(chosen.adapter_path, chosen.adapter_scale if adapter_scale is None else adapter_scale)
             slm.use_lora(False)  # the base model until build_policy picks s2t-local
     t = None
     if teacher:

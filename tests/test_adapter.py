@@ -316,6 +316,48 @@ def test_runtime_decodes_s2t_local_with_adapter(bundle: Path, tiny_gguf: Path, m
         models.close()
 
 
+def test_adapter_scale_override(bundle: Path, tiny_gguf: Path) -> None:
+    from s2t_edge.decode import decode
+
+    models = open_models(bundle=str(bundle), ctx=256, threads=1, progress=False, adapter_scale=0.0)
+    try:
+        slm = models.slm
+        assert slm.lora_scale == 0.0 and models.bundle.adapter_scale == 1.0
+        prompt = slm.tokenize(PROMPTS[1])
+        base_out = [t.id for t in decode(slm, prompt, max_tokens=12, **build_policy(models, "greedy").decode_args())]
+        policy = build_policy(models, "s2t-local")
+        assert slm.lora_on  # the adapter is on, at scale 0: the base model's tokens
+        assert [t.id for t in decode(slm, prompt, max_tokens=12, **policy.decode_args())] == base_out
+    finally:
+        models.close()
+    with pytest.raises(S2TError, match="--adapter-scale needs a bundle with a LoRA adapter"):
+        open_models(str(tiny_gguf), bundle="none", ctx=64, threads=1, progress=False, adapter_scale=0.5)
+
+
+def test_cli_adapter_scale(tmp_path: Path, bundle: Path, tiny_gguf: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from s2t_edge.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
+    args = ["eval", "--data", str(data), "--policy", "s2t-local", "--bundle", str(bundle), "--max-tokens", "4"]
+    r = CliRunner().invoke(main, [*args, "--threads", "1", "--adapter-scale", "0.5", "--out", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    settings = json.loads((tmp_path / "h" / "s2t-local" / "settings.json").read_text())
+    assert settings["adapter_scale"] == 0.5  # a run at another scale is never resumed into this one
+    r = CliRunner().invoke(main, [*args, "--threads", "1", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "adapter_scale" not in json.loads((tmp_path / "d" / "s2t-local" / "settings.json").read_text())
+    gen = ["generate", "hi", "--model", str(tiny_gguf), "--bundle", "none", "--adapter-scale", "1"]
+    r = CliRunner().invoke(main, gen)
+    assert r.exit_code != 0
+    assert r.output.strip().endswith("--adapter-scale needs a bundle with a LoRA adapter (this run has none)")
+    assert len(r.output.strip().splitlines()) == 1
+
+
 def test_copy_of_bundle_with_other_gguf_refused(tmp_path: Path, bundle: Path, tiny_teacher_gguf: Path) -> None:
     root = tmp_path / "b"
     shutil.copytree(bundle, root)

@@ -60,6 +60,7 @@ from s2t_edge.errors import S2TError
     default=None,
     help="Context per sequence (the cache holds one per sequence). Default: 4096, or max tokens + 1024 with --batch.",
 )
+@cli_options.adapter_scale
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
@@ -84,6 +85,7 @@ def eval_group(
     skip_bad,
     batch,
     n_ctx,
+    adapter_scale,
     threads,
     gpu_layers,
     pull,
@@ -129,6 +131,7 @@ def eval_group(
         teacher_seq=batch_teacher,
         unified=maj_n > 1,
         pull=pull or None,
+        adapter_scale=adapter_scale if wants_bundle else None,
     )
     try:
         rows = run_eval(

@@ -21,3 +21,9 @@ skip_bad = click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL l
 pull = click.option(
     "--pull", is_flag=True, help="Pull a missing registry model without asking (it is never pulled unasked)."
 )
+adapter_scale = click.option(
+    "--adapter-scale",
+    type=click.FloatRange(min=0.0, max=100.0),
+    default=None,
+    help="Apply the bundle's LoRA adapter at this scale (default: the bundle's, 1).",
+)

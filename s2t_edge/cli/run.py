@@ -48,6 +48,7 @@ _ENGINE_OPTIONS = {
         default=None,
         help="S2T-LOCAL bundle (folder or .tar; default: the shipped one; 'none' for plain decoding).",
     ),
+    "adapter_scale": cli_options.adapter_scale,
     "teacher": click.option(
         "--teacher",
         metavar="NAME|PATH",
@@ -109,6 +110,7 @@ class RunOptions:
     pull: bool
     ctx: int
     bundle: str | None
+    adapter_scale: float | None
     teacher: str | None
     max_tokens: int
     policy_opts: dict[str, Any]
@@ -128,6 +130,7 @@ class RunOptions:
             threads=self.threads,
             gpu_layers=self.gpu_layers,
             pull=self.pull or None,
+            adapter_scale=self.adapter_scale,
         )
         return models, build_policy(models, **self.policy_opts)
 

@@ -214,6 +214,9 @@ def run_eval(
             "trigger": trigger if teacher_run else None,
             "threshold": threshold if teacher_run else None,
         }
+        scale = models.slm.lora_scale
+        if spec.name == "s2t-local" and models.bundle and scale not in (None, models.bundle.adapter_scale):
+            settings["adapter_scale"] = scale  # --adapter-scale: another model than the bundle's
         if batched:  # batched kernels reorder float sums: not mixed with unbatched results
             settings["batch"] = batch
         if spec.maj_n:  # maj@N samples the base model: the adapter belongs to s2t-local only
