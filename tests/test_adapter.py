@@ -356,6 +356,8 @@ def test_cli_adapter_scale(tmp_path: Path, bundle: Path, tiny_gguf: Path) -> Non
     assert r.exit_code != 0
     assert r.output.strip().endswith("--adapter-scale needs a bundle with a LoRA adapter (this run has none)")
     assert len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["serve", *gen[2:]])  # refused before the server binds a port
+    assert r.exit_code != 0 and r.output.strip().endswith("(this run has none)")
 
 
 def test_copy_of_bundle_with_other_gguf_refused(tmp_path: Path, bundle: Path, tiny_teacher_gguf: Path) -> None:

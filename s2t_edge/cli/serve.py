@@ -59,6 +59,7 @@ from s2t_edge.cli import options as cli_options
     show_default=True,
     help="Seconds running requests get to finish on Ctrl-C / SIGTERM.",
 )
+@cli_options.adapter_scale
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.pull
@@ -73,6 +74,7 @@ def serve(
     ctx: int,
     max_tokens: int,
     grace: float,
+    adapter_scale: float | None,
     threads: int | None,
     gpu_layers: int,
     pull: bool,
@@ -89,6 +91,7 @@ def serve(
         port=port,
         model=model,
         bundle=bundle,
+        adapter_scale=adapter_scale,
         parallel=parallel,
         queue=queue_size,
         api_key=api_key or None,

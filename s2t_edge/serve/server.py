@@ -29,6 +29,7 @@ class ServeConfig:
     port: int = 8080
     model: str | None = None
     bundle: str | None = None
+    adapter_scale: float | None = None  # the bundle's LoRA adapter at another scale than its own
     parallel: int = 4
     queue: int = 16
     api_key: str | None = None
@@ -95,6 +96,7 @@ def run(cfg: ServeConfig, ready: Callable[[str], None] = print) -> None:
         gpu_layers=cfg.gpu_layers,
         n_seq=cfg.parallel,
         pull=cfg.pull,
+        adapter_scale=cfg.adapter_scale,
     )
     worker = None
     try:
