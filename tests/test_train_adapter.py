@@ -206,6 +206,45 @@ def test_teacher_kl_weight(labels: Path, tiny_gguf: Path) -> None:
     assert kl.mean() > 1e-4  # the weight is seen: the soft term is not zero on these labels
 
 
+def test_bf16_autocast(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """Under bf16 the decoder runs in bfloat16 but the losses are float32 and close to float32's;
+    the LoRA's gradient points the same way; a run records it and trains."""
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg(dropout=0.0))
+    for p in model.parameters():  # B != 0: every LoRA factor gets a gradient
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    t = ad.load_trajectories(labels)[0]
+    grads = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        _, cand = objective.candidate_logits(model, t, bf16=bf16)
+        assert cand.dtype == torch.float32
+        out = ad.losses(model, t, cfg(bf16=bf16), np.random.default_rng(0))
+        assert all(torch.isfinite(v) for v in out.values())
+        out["loss"].backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        grads.append((out["loss"].item(), grad))
+    (l32, g32), (l16, g16) = grads
+    assert l16 == pytest.approx(l32, rel=0.05) and l16 != l32  # bfloat16 did run, and stays close
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.98
+    r = ad.train_adapter(labels, tiny_gguf, tmp_path / "run", cfg(bf16=True, epochs=1), threads=1, progress=False)
+    assert r["config"]["bf16"] is True and r["history"][-1]["trajectories_seen"] > 0
+
+
+def test_resumes_a_checkpoint_from_before_a_config_field(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """A checkpoint written before a config field existed ran at that field's default: it resumes."""
+    c = cfg(epochs=1)
+    r = ad.train_adapter(labels, tiny_gguf, tmp_path / "run", c, threads=1, progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = torch.load(path, weights_only=False)
+    del ck["config"]["bf16"]
+    torch.save(ck, path)
+    again = ad.train_adapter(labels, tiny_gguf, tmp_path / "run", c, threads=1, progress=False)
+    assert again["history"] == r["history"]
+    with pytest.raises(S2TError, match="other settings"):
+        ad.train_adapter(labels, tiny_gguf, tmp_path / "run", cfg(epochs=1, bf16=True), threads=1, progress=False)
+
+
 def test_rejection_sampling(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:
     """Sampled answers: one trajectory per sample, split with its problem, kept only when right under
     `only_correct`; `toward="chosen"` trains each position toward the token the answer took."""

@@ -69,6 +69,7 @@ class AdapterConfig:
     # "chosen" (the token the trajectory took: with right samples only, rejection sampling), or
     # "samples" (the chosen tokens on sampled answers, the teacher's selection on every other trajectory)
     toward: str = "teacher"
+    bf16: bool = False  # the decoder's forward and backward under bfloat16 autocast (LoRA, optimizer, losses: float32)
 
 
 def load_slm(gguf: Path, dtype: torch.dtype = torch.float32):
@@ -134,6 +135,11 @@ def train_adapter(
         return _train(label_dirs(labels), gguf, out_dir, cfg, progress, validate_every, keys)
 
 
+def _defaults() -> dict:
+    """A config's fields at their defaults: a checkpoint from before a field existed ran at its default."""
+    return {**asdict(AdapterConfig()), "targets": list(TARGETS)}
+
+
 def _only(trajs: list[Trajectory], keys: Sequence[str], where: str) -> list[Trajectory]:
     """The trajectories named by `keys`, in that order; refused when a folder lacks one."""
     have = {t.key: t for t in trajs}
@@ -159,7 +165,10 @@ def _train(
     cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
     ckpt_path = out_dir / "checkpoint.pt"
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    if ck is not None and (ck["config"] != cfg_dict or ck["gguf"] != gguf.name or ck["labels"] != label_settings):
+    same = ck is None or (
+        {**_defaults(), **ck["config"]} == cfg_dict and ck["gguf"] == gguf.name and ck["labels"] == label_settings
+    )
+    if not same:
         raise S2TError(f"{out_dir} holds a run with other settings or labels; use another --out")
     trajs = load_trajectories(dirs)
     if ck is not None:  # the trajectories the run started with, and no others

@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from s2t_edge.train.adapter import AdapterConfig
 
 
-def candidate_logits(model, t: Trajectory, trunk: TrunkCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final hidden states at the scored positions [T, H], candidate logits [T, K])."""
-    h = final_hidden(model, t.tokens, trunk)[t.first :]
+def candidate_logits(
+    model, t: Trajectory, trunk: TrunkCache | None = None, bf16: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states at the scored positions [T, H], candidate logits [T, K]); the logits
+    and everything after them are float32 even when the decoder ran in bf16."""
+    h = final_hidden(model, t.tokens, trunk, bf16)[t.first :]
     w = model.get_base_model().lm_head.weight
     ids = torch.from_numpy(t.ids)
     return h, torch.einsum("td,tkd->tk", h, w[ids])
@@ -30,7 +33,7 @@ def losses(
     model, t: Trajectory, cfg: AdapterConfig, rng: np.random.Generator, trunk: TrunkCache | None = None
 ) -> dict[str, torch.Tensor]:
     """The selection loss toward the teacher (`cfg.objective`) and the KL to the frozen SLM."""
-    h, logits = candidate_logits(model, t, trunk)
+    h, logits = candidate_logits(model, t, trunk, cfg.bf16)
     return selection_losses(model, h, logits, t, cfg, rng)
 
 

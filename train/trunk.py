@@ -47,13 +47,16 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int | None = None) 
     return hidden
 
 
-def final_hidden(model, tokens: np.ndarray, trunk: TrunkCache | None = None) -> torch.Tensor:
-    """Final (normed) hidden states [T, H] of a token sequence: a full forward, or the top layers
-    over the trunk's cached states."""
+def final_hidden(model, tokens: np.ndarray, trunk: TrunkCache | None = None, bf16: bool = False) -> torch.Tensor:
+    """Final (normed) hidden states [T, H] of a token sequence, in float32: a full forward, or the
+    top layers over the trunk's cached states; `bf16` runs the decoder layers under bfloat16 autocast."""
     m = decoder(model)
-    if trunk is None:
-        return m(input_ids=torch.from_numpy(tokens)[None]).last_hidden_state[0]
-    return m.norm(run_layers(model, trunk.get(model, tokens), trunk.start))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if trunk is None:
+            h = m(input_ids=torch.from_numpy(tokens)[None]).last_hidden_state[0]
+        else:
+            h = m.norm(run_layers(model, trunk.get(model, tokens), trunk.start))[0]
+    return h.float()
 
 
 class TrunkCache:

@@ -24,6 +24,7 @@ ADAPTER_ONLY = {
     "early_fraction",
     "teacher_kl_weight",
     "toward",
+    "bf16",
 }
 
 
@@ -133,6 +134,12 @@ def report_keys(path: Path) -> list[str]:
     "took (chosen: with sampled answers, of which only the right ones are kept, rejection sampling), or "
     "toward the token taken on sampled answers only and the teacher's selection elsewhere (samples).",
 )
+@click.option(
+    "--bf16",
+    is_flag=True,
+    help="Adapter: run the SLM's layers under bfloat16 autocast (faster on CPUs with AVX512-BF16 or AMX; "
+    "the LoRA weights, optimizer and losses stay float32).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @cli_options.threads
 @click.option("--json", "as_json", is_flag=True)
@@ -161,6 +168,7 @@ def train(
     early_fraction,
     teacher_kl_weight,
     toward,
+    bf16,
     seed,
     threads,
     as_json,
@@ -199,6 +207,7 @@ def train(
             early_fraction=early_fraction,
             teacher_kl_weight=teacher_kl_weight,
             toward=toward,
+            bf16=bf16,
         )
         keys = None if problems_of is None else report_keys(problems_of)
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
