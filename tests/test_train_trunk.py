@@ -46,6 +46,19 @@ def test_cached_trunk_gives_the_full_forward(tiny_labels: Path, tiny_gguf: Path,
     assert len(list((tmp_path / "trunk").glob("*.npy"))) == len(ad.load_trajectories(tiny_labels))
 
 
+def test_bf16_keeps_the_trunk_float32(tiny_labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """Under `bf16` only the adapted layers run in bfloat16: a trunk first computed in a bf16 step is
+    the float32 trunk, so one cache serves runs with and without it."""
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
+    t = ad.load_trajectories(tiny_labels)[0]
+    with torch.no_grad():
+        objective.candidate_logits(model, t, TrunkCache(tmp_path / "bf16", split_layer(model, 1)), bf16=True)
+        objective.candidate_logits(model, t, TrunkCache(tmp_path / "f32", split_layer(model, 1)))
+    (a,), (b,) = (list((tmp_path / d).glob("*.npy")) for d in ("bf16", "f32"))
+    assert np.load(a).dtype == np.float32
+    np.testing.assert_array_equal(np.load(a), np.load(b))
+
+
 def test_layers_out_of_range_refused(tiny_gguf: Path) -> None:
     with pytest.raises(S2TError, match="between 1 and the SLM's 2 decoder layers"):
         ad.add_lora(ad.load_slm(tiny_gguf), cfg(layers=3))

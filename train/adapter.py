@@ -135,9 +135,9 @@ def train_adapter(
         return _train(label_dirs(labels), gguf, out_dir, cfg, progress, validate_every, keys)
 
 
-def _defaults() -> dict:
-    """A config's fields at their defaults: a checkpoint from before a field existed ran at its default."""
-    return {**asdict(AdapterConfig()), "targets": list(TARGETS)}
+def _config_dict(cfg: AdapterConfig) -> dict:
+    """The config as a checkpoint and a report record it (JSON-friendly)."""
+    return {**asdict(cfg), "targets": list(cfg.targets)}
 
 
 def _only(trajs: list[Trajectory], keys: Sequence[str], where: str) -> list[Trajectory]:
@@ -162,13 +162,12 @@ def _train(
 
     label_settings = check_labels(dirs, gguf)
     where = ", ".join(map(str, dirs))
-    cfg_dict = {**asdict(cfg), "targets": list(cfg.targets)}
+    cfg_dict = _config_dict(cfg)
     ckpt_path = out_dir / "checkpoint.pt"
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    same = ck is None or (
-        {**_defaults(), **ck["config"]} == cfg_dict and ck["gguf"] == gguf.name and ck["labels"] == label_settings
-    )
-    if not same:
+    if ck is not None:  # a checkpoint from before a config field existed ran at that field's default
+        ck["config"] = {**_config_dict(AdapterConfig()), **ck["config"]}
+    if ck is not None and (ck["config"] != cfg_dict or ck["gguf"] != gguf.name or ck["labels"] != label_settings):
         raise S2TError(f"{out_dir} holds a run with other settings or labels; use another --out")
     trajs = load_trajectories(dirs)
     if ck is not None:  # the trajectories the run started with, and no others

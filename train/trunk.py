@@ -51,11 +51,12 @@ def final_hidden(model, tokens: np.ndarray, trunk: TrunkCache | None = None, bf1
     """Final (normed) hidden states [T, H] of a token sequence, in float32: a full forward, or the
     top layers over the trunk's cached states; `bf16` runs the decoder layers under bfloat16 autocast."""
     m = decoder(model)
+    below = None if trunk is None else trunk.get(model, tokens)  # float32, outside autocast: the same cache either way
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if trunk is None:
+        if below is None:
             h = m(input_ids=torch.from_numpy(tokens)[None]).last_hidden_state[0]
         else:
-            h = m.norm(run_layers(model, trunk.get(model, tokens), trunk.start))[0]
+            h = m.norm(run_layers(model, below, trunk.start))[0]
     return h.float()
 
 
