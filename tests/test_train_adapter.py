@@ -146,13 +146,14 @@ def test_rebuild_from_a_reports_problems(labels: Path, tiny_gguf: Path, tmp_path
     refused(cli(*args, "--problems-of", old, "--out", tmp_path / "x"), "an old report", "lists its problems")
     vocab = ["--objective", "vocab", "--teacher-kl-weight", "0.1", "--out", tmp_path / "x"]
     refused(cli(*args, *vocab), "a listwise weight on the vocab objective", "vocab has none")
-    early = ["--early-weight", "2", "--early-fraction", "0.5", "--teacher-kl-weight", "0.1"]
+    early = ["--early-weight", "2", "--early-fraction", "0.5", "--teacher-kl-weight", "0.1", "--divergent-margin", "1"]
     r = cli(*args, *early, "--problems-of", tmp_path / "fewer" / "report.json", "--out", tmp_path / "cli")
     assert r.code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["problems"]["keys"] == keys[1:]
     assert (report["config"]["early_weight"], report["config"]["early_fraction"]) == (2.0, 0.5)
     assert report["config"]["teacher_kl_weight"] == 0.1
+    assert report["config"]["divergent_margin"] == 1.0
 
 
 def test_vocabulary_objective(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
@@ -204,6 +205,33 @@ def test_teacher_kl_weight(labels: Path, tiny_gguf: Path) -> None:
             got = ad.losses(model, t, c, np.random.default_rng(0))["select"]
             torch.testing.assert_close(got, (w * kl + ce).mean(), rtol=1e-4, atol=1e-5)
     assert kl.mean() > 1e-4  # the weight is seen: the soft term is not zero on these labels
+
+
+def test_divergent_margin(labels: Path, tiny_gguf: Path) -> None:
+    """With a margin, only the divergences where the teacher's log-prob of its choice beats the
+    SLM's top-1's by that much weigh --divergent-weight; near-ties weigh like agreement."""
+    model = ad.add_lora(ad.load_slm(tiny_gguf), cfg())
+    model.eval()
+    t = next(t for t in ad.load_trajectories(labels) if (t.teacher.argmax(-1) != 0).sum() >= 2)
+    raw = torch.from_numpy(t.teacher)
+    div = raw.argmax(-1) != 0
+    margin = raw.max(-1).values - raw[:, 0]
+    m = float(margin[div].min() + margin[div].max()) / 2  # some divergences fall below it, some above
+    with torch.no_grad():
+        _, cand = objective.candidate_logits(model, t)
+        teacher = torch.log_softmax(raw, -1)
+        logp = torch.log_softmax(cand, -1)
+        sel = (teacher.exp() * (teacher - logp)).sum(-1) + torch.nn.functional.cross_entropy(
+            cand, teacher.argmax(-1), reduction="none"
+        )
+        got = ad.losses(model, t, cfg(divergent_weight=3.0, divergent_margin=m), np.random.default_rng(0))
+        every = ad.losses(model, t, cfg(divergent_weight=3.0), np.random.default_rng(0))
+    kept = div & (margin >= m)
+    assert 0 < int(kept.sum()) < int(div.sum())
+    w = 1 + 2 * kept.float()
+    torch.testing.assert_close(got["select"], (w * sel).sum() / w.sum(), rtol=1e-4, atol=1e-5)
+    w_all = 1 + 2 * div.float()
+    torch.testing.assert_close(every["select"], (w_all * sel).sum() / w_all.sum(), rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:

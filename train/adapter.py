@@ -47,6 +47,9 @@ class AdapterConfig:
     accumulate: int = 4  # trajectories per optimizer step
     epochs: int = 1
     divergent_weight: float = 3.0
+    # a divergence weighs `divergent_weight` only where the teacher prefers its choice over the SLM's
+    # top-1 by at least this many nats of log-prob (0: every divergence); near-ties weigh like agreement
+    divergent_margin: float = 0.0
     kl_weight: float = 0.1  # KL(frozen SLM || adapted) over K candidates + the rest
     kl_positions: int = 32  # positions per trajectory where the full-vocabulary term is taken
     only_correct: bool = True  # train on the teacher's trajectories whose answer is right (others: all)

@@ -55,7 +55,11 @@ def selection_losses(
     elif cfg.toward not in ("teacher", "samples"):
         raise S2TError(f"unknown adapter target {cfg.toward!r}")
     target = teacher.argmax(-1)
-    div = (target != 0).float()  # the teacher prefers another candidate than the SLM's top-1
+    div = target != 0  # the teacher prefers another candidate than the SLM's top-1
+    if cfg.divergent_margin > 0:  # by its own log-probs, also where the target is the chosen token
+        raw = torch.from_numpy(t.teacher)
+        div = div & (raw.max(-1).values - raw[:, 0] >= cfg.divergent_margin)
+    div = div.float()
     w = 1 + (cfg.divergent_weight - 1) * div
     if cfg.early_weight != 1.0:  # the answer's setup: where a teacher prefix turns the SLM's answers right
         early = (torch.arange(len(div)) < cfg.early_fraction * len(div)).float()

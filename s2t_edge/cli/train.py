@@ -20,6 +20,7 @@ ADAPTER_ONLY = {
     "targets",
     "layers",
     "objective",
+    "divergent_margin",
     "early_weight",
     "early_fraction",
     "teacher_kl_weight",
@@ -104,6 +105,14 @@ def report_keys(path: Path) -> list[str]:
     "toward the teacher's choice over the whole vocabulary (vocab: no top-K restriction).",
 )
 @click.option(
+    "--divergent-margin",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Adapter: a divergence weighs --divergent-weight only where the teacher's log-prob of its choice "
+    "beats the SLM's top-1's by at least this many nats; near-ties weigh like agreement.",
+)
+@click.option(
     "--early-weight",
     type=click.FloatRange(min=0),
     default=1.0,
@@ -164,6 +173,7 @@ def train(
     targets,
     layers,
     objective,
+    divergent_margin,
     early_weight,
     early_fraction,
     teacher_kl_weight,
@@ -203,6 +213,7 @@ def train(
             targets=TARGETS[:4] if targets == "attention" else TARGETS,
             layers=layers,
             objective=objective,
+            divergent_margin=divergent_margin,
             early_weight=early_weight,
             early_fraction=early_fraction,
             teacher_kl_weight=teacher_kl_weight,
