@@ -36,16 +36,9 @@ def pooled(sets: list[Path], names: list[str]) -> dict[str, dict[str, bool]]:
     return {n: {i: a[i] for i in common} for n, a in out.items()}
 
 
-def versus(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
-    """(problems a gets right and b wrong, the reverse, exact McNemar p)."""
-    from s2t_edge.eval.compare import mcnemar_exact
-
-    wins = sum(a[i] and not b[i] for i in a)
-    losses = sum(b[i] and not a[i] for i in a)
-    return wins, losses, mcnemar_exact(wins, losses)
-
-
 def main() -> None:
+    from s2t_edge.eval.compare import versus
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="+", help="policy dirs inside each set; the first is the baseline (greedy)")
     ap.add_argument("--sets", nargs="+", type=Path, required=True)
@@ -71,4 +64,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from s2t_edge.errors import S2TError
+
+    try:
+        main()
+    except S2TError as e:
+        sys.exit(f"error: {e}")

@@ -50,10 +50,8 @@ def compare_runs(dirs: list[Path], only: set[str] | None = None) -> list[dict]:
             n_common=len(common),
         )
         if base is not None and policy != "greedy":
-            mine = _correct_by_id(recs, common)
-            wins = sum(mine[i] and not base[i] for i in common)
-            losses = sum(base[i] and not mine[i] for i in common)
-            row.update(wins_vs_greedy=wins, losses_vs_greedy=losses, p_vs_greedy=mcnemar_exact(wins, losses))
+            wins, losses, p = versus(_correct_by_id(recs, common), base)
+            row.update(wins_vs_greedy=wins, losses_vs_greedy=losses, p_vs_greedy=p)
         rows.append(row)
     return rows
 
@@ -63,6 +61,13 @@ def _correct_by_id(records: list[dict], ids: set[str]) -> dict[str, bool]:
     for r in records:
         out.setdefault(str(r.get("id")), bool(r.get("correct")))
     return {i: out[i] for i in ids}
+
+
+def versus(mine: dict[str, bool], base: dict[str, bool]) -> tuple[int, int, float]:
+    """(problems `mine` gets right and `base` wrong, the reverse, exact McNemar p) over the ids of `mine`."""
+    wins = sum(ok and not base[i] for i, ok in mine.items())
+    losses = sum(base[i] and not ok for i, ok in mine.items())
+    return wins, losses, mcnemar_exact(wins, losses)
 
 
 def mcnemar_exact(wins: int, losses: int) -> float:
