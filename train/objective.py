@@ -49,15 +49,15 @@ def selection_losses(
     """`losses` from the hidden states [T, H] and the candidate logits [T, K] of the language
     model; `scored` [T, K] replaces the logits the selection is trained on (not the KL's)."""
     scored = logits if scored is None else scored
-    teacher = torch.log_softmax(torch.from_numpy(t.teacher), -1)  # renormalised over the K candidates
+    raw = torch.from_numpy(t.teacher)  # the teacher's full-vocabulary log-probs of the K candidates
+    teacher = torch.log_softmax(raw, -1)  # renormalised over the K candidates
     if cfg.toward == "chosen" or (cfg.toward == "samples" and "-sample" in t.source):
         teacher = chosen_target(t, teacher)
     elif cfg.toward not in ("teacher", "samples"):
         raise S2TError(f"unknown adapter target {cfg.toward!r}")
     target = teacher.argmax(-1)
     div = target != 0  # the teacher prefers another candidate than the SLM's top-1
-    if cfg.divergent_margin > 0:  # by its own log-probs, also where the target is the chosen token
-        raw = torch.from_numpy(t.teacher)
+    if cfg.divergent_margin > 0:  # the teacher's own preference (its labels, even when the target is the chosen token)
         div = div & (raw.max(-1).values - raw[:, 0] >= cfg.divergent_margin)
     div = div.float()
     w = 1 + (cfg.divergent_weight - 1) * div
