@@ -365,3 +365,67 @@ def test_copy_of_bundle_with_other_gguf_refused(tmp_path: Path, bundle: Path, ti
     shutil.copytree(bundle, root)
     with pytest.raises(S2TError, match="was built for"):
         open_models(str(tiny_teacher_gguf), bundle=str(root), ctx=64, threads=1, progress=False)
+
+
+def test_eval_votes_over_the_adapted_slm(tmp_path: Path, bundle: Path, tiny_gguf: Path, cache: Path) -> None:
+    """s2t-local-maj@N samples the adapted SLM (maj@N the base) with the same seeds: each record is
+    the vote of exactly those samples; without an adapter the policy is refused before decoding."""
+    import json
+
+    from s2t_edge.collect import problem_prompt
+    from s2t_edge.eval.runner import parse_policies, run_eval
+    from s2t_edge.parallel import sample_parallel
+    from s2t_edge.prompt import ChatTemplate
+
+    questions = ["What is 2 + 3?", "Tom has 4 apples and eats 1. How many are left?"]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "#### 5"}) + "\n" for q in questions))
+    specs = parse_policies(["maj@2", "s2t-local-maj@2"])
+    assert [(s.maj_n, s.adapted) for s in specs] == [(2, False), (2, True)]
+    models = open_models(bundle=str(bundle), ctx=1024, threads=1, progress=False, n_seq=2, unified=True)
+    try:
+        slm = models.slm
+        run_eval(models, data, specs, tmp_path / "e", max_tokens=10, seed=7, progress=False)
+        outs = {}
+        for name, on in (("maj_at_2", False), ("s2t-local-maj_at_2", True)):
+            d = tmp_path / "e" / name
+            recs = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines()]
+            assert len(recs) == 2 and all(len(r["answers"]) == 2 for r in recs)
+            settings = json.loads((d / "settings.json").read_text())
+            assert (settings["bundle"] is not None) == on  # never resumed into the other model's run
+            slm.use_lora(on)
+            for i, (q, r) in enumerate(zip(questions, recs)):
+                samples = sample_parallel(slm, problem_prompt(slm, ChatTemplate(slm), q), 2, max_tokens=10, seed=7 + i)
+                assert r["output"] == slm.detokenize(samples[0]) and r["tokens"] == sum(map(len, samples))
+            outs[name] = [r["output"] for r in recs]
+        assert outs["maj_at_2"] != outs["s2t-local-maj_at_2"]
+    finally:
+        models.close()
+    models = open_models(str(tiny_gguf), bundle="none", ctx=1024, threads=1, progress=False, n_seq=2, unified=True)
+    try:
+        with pytest.raises(S2TError, match="s2t-local-maj@2 samples the adapted SLM: it needs a bundle with a LoRA"):
+            run_eval(models, data, specs[1:], tmp_path / "f", max_tokens=10, progress=False)
+        assert not (tmp_path / "f").exists()
+    finally:
+        models.close()
+    with pytest.raises(S2TError, match="use s2t-local-maj@N with N >= 1"):
+        parse_policies(["s2t-local-maj@0"])
+    with pytest.raises(S2TError, match="unknown policy"):
+        parse_policies(["greedy-maj@2"])
+
+
+def test_cli_eval_adapted_vote_loads_the_bundle(tmp_path: Path, bundle: Path) -> None:
+    """`eval --policy s2t-local-maj@N` opens the bundle (and its adapter) as s2t-local does."""
+    import json
+
+    from click.testing import CliRunner
+
+    from s2t_edge.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
+    args = ["eval", "--data", str(data), "--policy", "s2t-local-maj@2", "--bundle", str(bundle), "--max-tokens", "4"]
+    r = CliRunner().invoke(main, [*args, "--threads", "1", "--out", str(tmp_path / "h"), "--json"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads((tmp_path / "h" / "s2t-local-maj_at_2" / "settings.json").read_text())
+    assert settings["bundle"] == load_bundle(bundle).digest[:16] and settings["policy"] == "s2t-local-maj@2"

@@ -17,7 +17,8 @@ from s2t_edge.errors import S2TError
     "--policy",
     "policies",
     multiple=True,
-    help="greedy, maj@N, s2t-local, s2t, takeover, teacher (repeat or comma-separate). Default: s2t-local.",
+    help="greedy, maj@N, s2t-local, s2t-local-maj@N (a vote of N samples of the adapted SLM), s2t, takeover, "
+    "teacher (repeat or comma-separate). Default: s2t-local.",
 )
 @click.option("--limit", type=int, default=None, help="First N problems only.")
 @click.option(
@@ -119,7 +120,7 @@ def eval_group(
     needs_teacher = any(s.needs_teacher for s in specs)
     if needs_teacher and teacher is None:
         teacher = default_model("teacher")
-    wants_bundle = any(s.name == "s2t-local" for s in specs)
+    wants_bundle = any(s.adapted for s in specs)
     models = open_models(
         model,
         bundle=bundle if wants_bundle else "none",

@@ -27,21 +27,28 @@ from s2t_edge.store import sha256_file
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """One policy to evaluate: greedy, maj@N, s2t-local, s2t, takeover or teacher."""
+    """One policy to evaluate: greedy, maj@N, s2t-local, s2t-local-maj@N, s2t, takeover or teacher."""
 
     name: str
 
     @property
     def maj_n(self) -> int | None:
-        if self.name.startswith("maj@"):
-            try:
-                n = int(self.name[4:])
-            except ValueError:
-                n = 0
-            if n < 1:
-                raise S2TError(f"bad policy {self.name!r}: use maj@N with N >= 1, e.g. maj@8")
-            return n
-        return None
+        """N of a vote over N samples: maj@N (the base SLM) or s2t-local-maj@N (the adapted SLM)."""
+        head, sep, tail = self.name.partition("maj@")
+        if not sep or head not in ("", "s2t-local-"):
+            return None
+        try:
+            n = int(tail)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise S2TError(f"bad policy {self.name!r}: use {head}maj@N with N >= 1, e.g. {head}maj@8")
+        return n
+
+    @property
+    def adapted(self) -> bool:
+        """Decodes with the bundle's LoRA adapter on: s2t-local and s2t-local-maj@N."""
+        return self.name == "s2t-local" or (self.name.startswith("s2t-local-") and self.maj_n is not None)
 
     @property
     def needs_teacher(self) -> bool:
@@ -196,6 +203,8 @@ def run_eval(
     for spec in specs:
         if spec.needs_teacher and models.teacher is None:
             raise S2TError(f"policy {spec.name} needs --teacher MODEL")
+        if spec.maj_n and spec.adapted and models.slm.lora_path is None:
+            raise S2TError(f"policy {spec.name} samples the adapted SLM: it needs a bundle with a LoRA adapter")
         engine = _engine_for(models, spec)
         batched = batch > 1 and batchable(spec, trigger)
         teacher_run = spec.name in ("s2t", "takeover")
@@ -209,18 +218,18 @@ def run_eval(
             "data_sha256": data_sha,
             "fields": [question_field, answer_field],
             "seed": seed,
-            "bundle": models.bundle.digest[:16] if spec.name == "s2t-local" and models.bundle else None,
+            "bundle": models.bundle.digest[:16] if spec.adapted and models.bundle else None,
             "teacher": models.teacher.path.name if teacher_run and models.teacher else None,
             "trigger": trigger if teacher_run else None,
             "threshold": threshold if teacher_run else None,
         }
         scale = models.slm.lora_scale
-        if spec.name == "s2t-local" and models.bundle and scale not in (None, models.bundle.adapter_scale):
+        if spec.adapted and models.bundle and scale not in (None, models.bundle.adapter_scale):
             settings["adapter_scale"] = scale  # --adapter-scale: another model than the bundle's
         if batched:  # batched kernels reorder float sums: not mixed with unbatched results
             settings["batch"] = batch
-        if spec.maj_n:  # maj@N samples the base model: the adapter belongs to s2t-local only
-            models.slm.use_lora(False)
+        if spec.maj_n and models.slm.lora_path is not None:  # maj@N samples the base SLM, s2t-local-maj@N the adapted
+            models.slm.use_lora(spec.adapted)
         results = ResultsDir(out / spec.name.replace("@", "_at_"), settings)
         try:
             policy = (
