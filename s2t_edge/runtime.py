@@ -124,7 +124,7 @@ def build_policy(
 
     A bundle's LoRA adapter belongs to s2t-local: building a policy switches it on for s2t-local
     and off for every other (the SLM's KV cache is dropped when that changes the model). A caller
-    decoding without a built policy (maj@N) should call `models.slm.use_lora(False)` itself."""
+    decoding without a built policy (maj@N, s2t-local-maj@N) switches it with `models.slm.use_lora`."""
     if policy is None:
         policy = "s2t-local" if models.bundle else "greedy"
     if not math.isfinite(temperature) or temperature < 0:  # NaN would pass as "not > 0": greedy, silently

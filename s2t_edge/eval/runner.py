@@ -48,7 +48,7 @@ class EvalSpec:
     @property
     def adapted(self) -> bool:
         """Decodes with the bundle's LoRA adapter on: s2t-local and s2t-local-maj@N."""
-        return self.name == "s2t-local" or (self.name.startswith("s2t-local-") and self.maj_n is not None)
+        return self.name == "s2t-local" or self.name.startswith("s2t-local-maj@")
 
     @property
     def needs_teacher(self) -> bool:
