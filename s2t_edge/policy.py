@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from s2t_edge.selector import Greedy, Sample, Selector
 from s2t_edge.trigger import Always, Never, Trigger
 
+SAMPLED_ADAPTED = "s2t-local-sample"  # sampling that draws from the SLM with its bundle's adapter on
+
 
 @dataclass
 class Policy:
@@ -24,6 +26,9 @@ def greedy(k: int = 8) -> Policy:
     return Policy("greedy", k=k)
 
 
-def sampling(temperature: float, top_p: float = 1.0, top_k: int = 40, seed: int | None = None) -> Policy:
-    """Plain sampling: the selector draws at every step from the top-k candidates."""
-    return Policy("sample", k=top_k, trigger=Always(), selector=Sample(temperature, top_p, top_k, seed))
+def sampling(
+    temperature: float, top_p: float = 1.0, top_k: int = 40, seed: int | None = None, name: str = "sample"
+) -> Policy:
+    """Plain sampling: the selector draws at every step from the top-k candidates (named
+    SAMPLED_ADAPTED by callers when it draws from the adapted SLM)."""
+    return Policy(name, k=top_k, trigger=Always(), selector=Sample(temperature, top_p, top_k, seed))

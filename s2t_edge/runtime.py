@@ -10,7 +10,7 @@ from pathlib import Path
 from s2t_edge.bundle import Bundle, default_bundle_path, load_bundle
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
-from s2t_edge.policy import Policy, greedy, sampling
+from s2t_edge.policy import SAMPLED_ADAPTED, Policy, greedy, sampling
 from s2t_edge.reranker import OnnxReranker, S2TLocal
 from s2t_edge.store import resolve_model
 from s2t_edge.teacher import KLTrigger, TeacherSelector, check_same_vocab
@@ -120,11 +120,12 @@ def build_policy(
     threshold: float | None = None,
 ) -> Policy:
     """The named policy over loaded models. Default: s2t-local when a bundle is loaded, else greedy;
-    a temperature > 0 samples instead.
+    a temperature > 0 samples instead (from the adapted SLM under s2t-local).
 
-    A bundle's LoRA adapter belongs to s2t-local: building a policy switches it on for s2t-local
-    and off for every other (the SLM's KV cache is dropped when that changes the model). A caller
-    decoding without a built policy (maj@N, s2t-local-maj@N) switches it with `models.slm.use_lora`."""
+    A bundle's LoRA adapter belongs to s2t-local, greedy or sampled: building a policy switches it
+    on for s2t-local and off for every other (the SLM's KV cache is dropped when that changes the
+    model). A caller decoding without a built policy (maj@N, s2t-local-maj@N) switches it with
+    `models.slm.use_lora`."""
     if policy is None:
         policy = "s2t-local" if models.bundle else "greedy"
     if not math.isfinite(temperature) or temperature < 0:  # NaN would pass as "not > 0": greedy, silently
@@ -133,9 +134,9 @@ def build_policy(
         # KL and entropy are >= 0: NaN would never fire, a negative value fire at every step
         raise S2TError(f"--threshold must be a finite number >= 0, got {threshold}")
     if models.slm.lora_path is not None:  # the bundle's adapter is part of s2t-local only
-        models.slm.use_lora(policy == "s2t-local" and temperature == 0)
-    if temperature > 0:  # plain sampling over the top-k; selection policies are greedy by nature
-        return sampling(temperature, top_k=k, seed=seed)
+        models.slm.use_lora(policy == "s2t-local")
+    if temperature > 0:  # sampling over the top-k; the selectors (reranker, teacher) choose greedily
+        return sampling(temperature, top_k=k, seed=seed, name=SAMPLED_ADAPTED if models.slm.lora_on else "sample")
     if policy == "greedy":
         return greedy(k)
     if policy == "s2t-local":

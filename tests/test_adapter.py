@@ -316,6 +316,42 @@ def test_runtime_decodes_s2t_local_with_adapter(bundle: Path, tiny_gguf: Path, m
         models.close()
 
 
+def test_sampling_draws_from_the_adapted_slm(bundle: Path) -> None:
+    """--temperature under s2t-local (chat, generate, serve) samples the adapted SLM; plain
+    sampling of the base SLM stays --policy greedy (and is not served next to an adapter)."""
+    from s2t_edge.decode import decode
+    from s2t_edge.policy import SAMPLED_ADAPTED, Policy, sampling
+    from s2t_edge.serve.protocol import APIError, GenRequest
+    from s2t_edge.serve.service import SAMPLE_TOP_K, Service
+
+    models = open_models(bundle=str(bundle), ctx=256, threads=1, progress=False)
+    try:
+        slm = models.slm
+        prompt = slm.tokenize(PROMPTS[1])
+
+        def ids(p: Policy) -> list[int]:
+            return [t.id for t in decode(slm, prompt, max_tokens=12, **p.decode_args())]
+
+        slm.use_lora(False)
+        base, base40 = ids(sampling(1.0, top_k=8, seed=3)), ids(sampling(1.0, top_k=SAMPLE_TOP_K, seed=3))
+        slm.use_lora(True)
+        adapted, adapted40 = ids(sampling(1.0, top_k=8, seed=3)), ids(sampling(1.0, top_k=SAMPLE_TOP_K, seed=3))
+        assert adapted != base and adapted40 != base40
+        p = build_policy(models, temperature=1.0, seed=3)  # default with the bundle: s2t-local
+        assert p.name == SAMPLED_ADAPTED and slm.lora_on and ids(p) == adapted
+        p = build_policy(models, "greedy", temperature=1.0, seed=3)
+        assert p.name == "sample" and not slm.lora_on and ids(p) == base
+
+        svc = Service(slm, None, build_policy(models), "tiny", ctx=256, max_tokens=12)  # type: ignore[arg-type]
+        sampled = svc.policy_for(GenRequest("completion", "tiny", False, prompt=PROMPTS[1], temperature=1.0, seed=3))
+        assert sampled.name == SAMPLED_ADAPTED and slm.lora_on and ids(sampled) == adapted40
+        with pytest.raises(APIError, match="--bundle none"):
+            svc.policy_for(GenRequest("completion", "tiny", True, prompt=PROMPTS[1]))
+        assert [m["id"] for m in svc.models()["data"]] == ["tiny"]  # no :greedy alias to offer
+    finally:
+        models.close()
+
+
 def test_adapter_scale_override(bundle: Path, tiny_gguf: Path) -> None:
     from s2t_edge.decode import decode
 

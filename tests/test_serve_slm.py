@@ -38,6 +38,11 @@ def test_real_slm_server(slm_path: Path) -> None:
         # served beside it, and the refusal says what to run instead
         with pytest.raises(openai.BadRequestError, match="--bundle none"):
             c.chat.completions.create(model=name + ":greedy", messages=MSGS, max_tokens=16)
+        # ... while sampling draws from the adapted SLM, beside s2t-local in the same batch
+        kw = {"model": name, "messages": MSGS, "max_tokens": 16, "temperature": 0.7, "seed": 1}
+        sampled = c.chat.completions.create(**kw)
+        assert sampled.model_extra["s2t"]["policy"] == "s2t-local-sample"
+        assert c.chat.completions.create(**kw).choices[0].message.content == sampled.choices[0].message.content
 
         # 2 running + 1 queued: a 4th request at the same time is refused with 503
         results: list[tuple[int, dict]] = []

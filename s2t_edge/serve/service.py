@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
-from s2t_edge.policy import Policy, greedy, sampling
+from s2t_edge.policy import SAMPLED_ADAPTED, Policy, greedy, sampling
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.serve.protocol import GREEDY_SUFFIX, APIError, GenRequest
 from s2t_edge.serve.worker import Event, Job, Worker
@@ -50,22 +50,23 @@ class Service:
             raise APIError(401, f"{msg}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     @property
-    def mixes_policies(self) -> bool:
-        """Greedy and sampled requests can share the batch with the default policy's, unless the
-        bundle adapts the SLM itself (a LoRA adapter is on for the whole context, all slots)."""
-        return self.policy.name == "greedy" or getattr(self.engine, "lora_path", None) is None
+    def adapted(self) -> bool:
+        """The bundle's LoRA adapter is on: it adapts the whole context, every slot's request."""
+        return bool(getattr(self.engine, "lora_on", False))
 
     def policy_for(self, req: GenRequest) -> Policy:
-        """temperature > 0 samples (top_p, seed); else the default policy, or greedy by alias."""
-        if (req.temperature > 0 or req.greedy) and not self.mixes_policies:
+        """temperature > 0 samples (top_p, seed; from the adapted SLM when the bundle has an
+        adapter); else the default policy, or the base SLM's greedy by alias."""
+        if req.greedy and self.adapted:
             raise APIError(
                 400,
-                "this server's bundle adapts the model for s2t-local (a LoRA adapter), so plain greedy or "
-                "sampling is not served next to it; run another server with --bundle none for those",
-                param="model" if req.greedy else "temperature",
+                "this server's bundle adapts the model for s2t-local (a LoRA adapter), so the base "
+                "model's greedy is not served next to it; run another server with --bundle none for it",
+                param="model",
             )
         if req.temperature > 0:
-            return sampling(req.temperature, top_p=req.top_p, top_k=SAMPLE_TOP_K, seed=req.seed)
+            name = SAMPLED_ADAPTED if self.adapted else "sample"
+            return sampling(req.temperature, top_p=req.top_p, top_k=SAMPLE_TOP_K, seed=req.seed, name=name)
         return self.greedy if req.greedy else self.policy
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
@@ -101,7 +102,7 @@ class Service:
         return Job(ids, max_tokens, self.policy_for(req), emit, stops=req.stop)
 
     def models(self) -> dict:
-        alias = self.policy.name != "greedy" and self.mixes_policies
+        alias = self.policy.name != "greedy" and not self.adapted
         names = [self.model_name] + ([self.model_name + GREEDY_SUFFIX] if alias else [])
         return {
             "object": "list",
