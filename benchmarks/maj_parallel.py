@@ -1,17 +1,19 @@
 """maj@N cost: N samples as one llama.cpp batch sharing the prompt's KV cache vs N sequential runs,
-and against one greedy decode of the same problem.
+and against one greedy decode of the same problem; with `--bundle`, the same on the adapted SLM
+(s2t-local greedy, s2t-local-maj@N) beside the base model's.
 
-Both maj@N sides sample with T=0.7, top-p 0.8, top-k 20 on the same problems; greedy, parallel and
-sequential alternate per problem.
+Every maj@N side samples with T=0.7, top-p 0.8, top-k 20 (the seeds `eval` uses) on the same
+problems; the sides alternate per problem, one problem at a time.
 
     python benchmarks/maj_parallel.py [--n 8] [--problems 3] [--max-tokens 256] [--threads 2]
+    python benchmarks/maj_parallel.py --n 4 --bundle data/bundles/adapter-9 --no-sequential
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from s2t_edge.collect import problem_prompt
@@ -21,7 +23,7 @@ from s2t_edge.eval.data import load_problems
 from s2t_edge.parallel import sample_parallel
 from s2t_edge.policy import sampling
 from s2t_edge.prompt import ChatTemplate
-from s2t_edge.store import resolve_model
+from s2t_edge.runtime import open_models
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "gsm8k" / "dev.jsonl"
 
@@ -33,46 +35,58 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--bundle", default="none", help="a bundle with a LoRA adapter: time the adapted SLM too")
+    ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
-    path = resolve_model(None)
-    par = Engine(path, n_ctx=4096, n_threads=args.threads, n_seq=args.n)
-    seq = Engine(path, n_ctx=4096, n_threads=args.threads)
+    par = open_models(bundle=args.bundle, ctx=4096, threads=args.threads, n_seq=args.n, progress=False).slm
+    seq = open_models(bundle=args.bundle, ctx=4096, threads=args.threads, progress=False).slm
+    adapted = seq.lora_path is not None
     template = ChatTemplate(seq)
+    n = args.n
+
+    def greedy(engine: Engine, prompt: list[int], _: int) -> int:
+        return sum(1 for _ in decode(engine, prompt, max_tokens=args.max_tokens))
+
+    def one_batch(engine: Engine, prompt: list[int], seed: int) -> int:
+        return sum(len(o) for o in sample_parallel(engine, prompt, n, max_tokens=args.max_tokens, seed=seed))
+
+    def sequential(engine: Engine, prompt: list[int], seed: int) -> int:
+        out = 0
+        for i in range(n):
+            policy = sampling(0.7, top_p=0.8, top_k=20, seed=seed * 100 + i)
+            out += sum(1 for _ in decode(engine, prompt, max_tokens=args.max_tokens, **policy.decode_args()))
+        return out
+
+    sides: list[tuple[str, Engine, bool, Callable[[Engine, list[int], int], int]]] = [
+        ("greedy", seq, False, greedy),
+        (f"maj@{n}", par, False, one_batch),
+    ]
+    if args.sequential:
+        sides.append((f"maj@{n} sequential", seq, False, sequential))
+    if adapted:
+        sides += [("s2t-local", seq, True, greedy), (f"s2t-local-maj@{n}", par, True, one_batch)]
+    totals = {name: [0.0, 0] for name, *_ in sides}
     problems, _ = load_problems(args.data, limit=args.problems)
-    rows = []
     for p in problems:
         prompt = problem_prompt(seq, template, p.question)
-        tg = time.perf_counter()
-        greedy_tokens = sum(1 for _ in decode(seq, prompt, max_tokens=args.max_tokens))
-        t0 = time.perf_counter()
-        outs = sample_parallel(par, prompt, args.n, max_tokens=args.max_tokens, seed=p.index)
-        t1 = time.perf_counter()
-        seq_tokens = 0
-        for i in range(args.n):
-            policy = sampling(0.7, top_p=0.8, top_k=20, seed=p.index * 100 + i)
-            seq_tokens += sum(1 for _ in decode(seq, prompt, max_tokens=args.max_tokens, **policy.decode_args()))
-        t2 = time.perf_counter()
-        par_tokens = sum(len(o) for o in outs)
-        rows.append((t1 - t0, t2 - t1, par_tokens, seq_tokens, t0 - tg, greedy_tokens))
+        line = []
+        for name, engine, lora, run in sides:
+            if adapted:
+                engine.use_lora(lora)
+            t0 = time.perf_counter()
+            tokens = run(engine, prompt, p.index)
+            dt = time.perf_counter() - t0
+            totals[name][0] += dt
+            totals[name][1] += tokens
+            line.append(f"{name} {dt:5.1f}s ({tokens} tok)")
+        print(f"{p.id}: " + "  ".join(line), flush=True)
+    g_s, g_tok = totals["greedy"]
+    print(f"{len(problems)} problems, max {args.max_tokens} tokens, threads {args.threads}, one at a time:")
+    for name, (s, tok) in totals.items():
         print(
-            f"{p.id}: greedy {t0 - tg:5.1f}s ({greedy_tokens} tok)  "
-            f"parallel {t1 - t0:6.1f}s ({par_tokens} tok, {par_tokens / (t1 - t0):.1f} tok/s)  "
-            f"sequential {t2 - t1:6.1f}s ({seq_tokens} tok, {seq_tokens / (t2 - t1):.1f} tok/s)"
+            f"  {name:24s} {s / len(problems):6.1f} s/problem  {tok / s:5.1f} tok/s  "
+            f"{s / g_s:5.2f}x greedy's time  {tok / g_tok:5.2f}x its tokens"
         )
-    par_rate = statistics.median(r[2] / r[0] for r in rows)
-    seq_rate = statistics.median(r[3] / r[1] for r in rows)
-    print(
-        f"maj@{args.n} on {len(rows)} problems, max {args.max_tokens} tokens, threads {args.threads}: "
-        f"median throughput parallel {par_rate:.1f} tok/s vs sequential {seq_rate:.1f} tok/s "
-        f"= {par_rate / seq_rate:.2f}x"
-    )
-    wall = [sum(r[i] for r in rows) for i in (4, 0, 1)]
-    tokens = [sum(r[i] for r in rows) for i in (5, 2, 3)]
-    print(
-        f"per problem vs greedy: maj@{args.n} one batch {wall[1] / wall[0]:.2f}x the wall time "
-        f"({tokens[1] / tokens[0]:.2f}x the tokens), sequential {wall[2] / wall[0]:.2f}x "
-        f"({tokens[2] / tokens[0]:.2f}x the tokens)"
-    )
 
 
 if __name__ == "__main__":
