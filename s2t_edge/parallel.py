@@ -14,6 +14,8 @@ from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.selector import sample_token
 
+VOTE_TEMPERATURE = 0.7  # maj@N's sampling (with top-p 0.8, top-k 20), as self-consistency runs it
+
 
 @dataclass
 class _Group:
@@ -33,7 +35,7 @@ def sample_batch(
     n: int,
     *,
     max_tokens: int = 512,
-    temperature: float = 0.7,
+    temperature: float = VOTE_TEMPERATURE,
     top_p: float = 0.8,
     top_k: int = 20,
     seeds: Sequence[int | None] | None = None,
@@ -111,7 +113,7 @@ def sample_parallel(
     n: int,
     *,
     max_tokens: int = 512,
-    temperature: float = 0.7,
+    temperature: float = VOTE_TEMPERATURE,
     top_p: float = 0.8,
     top_k: int = 20,
     seed: int | None = None,

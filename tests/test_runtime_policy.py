@@ -246,6 +246,43 @@ def test_run_eval_resumes_partial_run(tmp_path: Path, tiny_gguf: Path, data: Pat
     assert [r["id"] for r in recs] == ["gsm:1", "gsm:2", "gsm:3"] and full[0]["n"] == 3
 
 
+def test_run_eval_vote_temperature(tmp_path: Path, tiny_gguf: Path, data: Path) -> None:
+    """--vote-temperature: each maj@N record is the vote of samples drawn at that temperature (the
+    same seeds), kept apart from the default's results; nothing but a finite T > 0 is taken."""
+    models = open_tiny(tiny_gguf, "none", n_seq=3)
+    try:
+        kw = {"limit": 2, "max_tokens": MAX_TOKENS, "progress": False}
+        for t in (None, 0.2, 3.0):
+            run_eval(models, data, parse_policies(["maj@3"]), tmp_path / f"t{t}", vote_temperature=t, **kw)
+        template = ChatTemplate(models.slm)
+        by_t = {}
+        for t in (None, 0.2, 3.0):
+            d = tmp_path / f"t{t}" / "maj_at_3"
+            settings = json.loads((d / "settings.json").read_text())
+            assert settings.get("vote_temperature") == t  # the default (0.7) adds no key: old runs still resume
+            by_t[t] = [r["output"] for r in lines(d / "results.jsonl")]
+            for i, r in enumerate(lines(d / "results.jsonl")):
+                prompt = problem_prompt(models.slm, template, PROBLEMS[i]["question"])
+                kw_t = {} if t is None else {"temperature": t}
+                samples = sample_parallel(models.slm, prompt, 3, max_tokens=MAX_TOKENS, seed=i, **kw_t)
+                assert r["output"] == models.slm.detokenize(samples[0])
+        assert by_t[0.2] != by_t[3.0] and by_t[None] != by_t[3.0]
+        with pytest.raises(S2TError, match="different settings: vote_temperature"):
+            run_eval(models, data, parse_policies(["maj@3"]), tmp_path / "t0.2", **kw)
+        for bad in (0.0, -1.0, float("nan")):
+            with pytest.raises(S2TError, match="vote temperature must be a finite number > 0"):
+                run_eval(models, data, parse_policies(["maj@3"]), tmp_path / "bad", vote_temperature=bad, **kw)
+    finally:
+        models.close()
+    args = ["eval", "--data", str(data), "--policy", "maj@3", "--model", str(tiny_gguf), "--limit", "2"]
+    args += ["--max-tokens", str(MAX_TOKENS), "--threads", "1", "--out", str(tmp_path / "cli")]
+    r = CliRunner().invoke(main, [*args, "--vote-temperature", "0.2"])
+    assert r.exit_code == 0, r.output
+    assert [x["output"] for x in lines(tmp_path / "cli" / "maj_at_3" / "results.jsonl")] == by_t[0.2]
+    r = CliRunner().invoke(main, [*args, "--vote-temperature", "0"])
+    assert r.exit_code == 2 and "--vote-temperature" in r.output
+
+
 def test_parse_policies() -> None:
     assert [s.maj_n for s in parse_policies(["greedy", "maj@8"])] == [None, 8]
     assert parse_policies(["teacher"])[0].needs_teacher

@@ -42,6 +42,12 @@ from s2t_edge.errors import S2TError
 @click.option("--k", type=click.IntRange(1, 32), default=8, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--vote-temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Sampling temperature of maj@N and s2t-local-maj@N (then top-p 0.8, top-k 20).  [default: 0.7]",
+)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
 @cli_options.skip_bad
@@ -81,6 +87,7 @@ def eval_group(
     k,
     max_tokens,
     seed,
+    vote_temperature,
     question_field,
     answer_field,
     skip_bad,
@@ -144,6 +151,7 @@ def eval_group(
             k=k,
             max_tokens=max_tokens,
             seed=seed,
+            vote_temperature=vote_temperature,
             trigger=trigger,
             threshold=threshold,
             question_field=question_field,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import extract_answer, is_correct
 from s2t_edge.eval.results import ResultsDir
 from s2t_edge.eval.vote import majority_vote
-from s2t_edge.parallel import sample_batch, sample_parallel
+from s2t_edge.parallel import VOTE_TEMPERATURE, sample_batch, sample_parallel
 from s2t_edge.policy import Policy
 from s2t_edge.progress import Progress
 from s2t_edge.prompt import ChatTemplate
@@ -73,11 +74,14 @@ def _solve(
     *,
     max_tokens: int,
     seed: int,
+    temperature: float = VOTE_TEMPERATURE,
 ) -> dict:
     """Answer one problem with one policy; the record written to results.jsonl."""
     t0 = time.perf_counter()
     if spec.maj_n:
-        samples = sample_parallel(models.slm, prompt, spec.maj_n, max_tokens=max_tokens, seed=seed + problem.index)
+        samples = sample_parallel(
+            models.slm, prompt, spec.maj_n, max_tokens=max_tokens, temperature=temperature, seed=seed + problem.index
+        )
         return _maj_record(models.slm, samples, time.perf_counter() - t0, max_tokens)
     engine = _engine_for(models, spec)
     stats = DecodeStats()
@@ -130,13 +134,15 @@ def _solve_batched(
     *,
     max_tokens: int,
     seed: int,
+    temperature: float = VOTE_TEMPERATURE,
 ) -> Iterator[tuple[Problem, dict]]:
     """Answer `problems` as one continuous batch; yields (problem, record) as each finishes. A
     record's seconds are its share of the batched decode (cost per problem, not latency)."""
     engine = _engine_for(models, spec)
     if spec.maj_n:  # groups of N sequences, one group per problem, same seeds as one at a time
         seeds = [seed + p.index for p in problems]
-        for i, samples, seconds in sample_batch(engine, prompts, spec.maj_n, max_tokens=max_tokens, seeds=seeds):
+        batches = sample_batch(engine, prompts, spec.maj_n, max_tokens=max_tokens, temperature=temperature, seeds=seeds)
+        for i, samples, seconds in batches:
             yield problems[i], _maj_record(engine, samples, seconds, max_tokens)
         return
     for i, ids, stats in decode_batch(engine, prompts, policy, max_tokens=max_tokens):
@@ -182,6 +188,7 @@ def run_eval(
     k: int = 8,
     max_tokens: int = 512,
     seed: int = 0,
+    vote_temperature: float | None = None,
     trigger: str = "always",
     threshold: float | None = None,
     question_field: str = "question",
@@ -193,7 +200,13 @@ def run_eval(
     """Evaluate each policy into `out/<policy>/`; rerunning skips finished problems. Returns summaries.
 
     `batch` > 1 decodes the `batchable` policies as a continuous batch of that many problems (the
-    engines must have been opened with as many sequences)."""
+    engines must have been opened with as many sequences). `vote_temperature`: maj@N's sampling
+    temperature (None: VOTE_TEMPERATURE)."""
+    if vote_temperature is None:
+        vote_temperature = VOTE_TEMPERATURE
+    if not math.isfinite(vote_temperature) or vote_temperature <= 0:
+        raise S2TError(f"the vote temperature must be a finite number > 0, got {vote_temperature}")
+    solve_kw = {"max_tokens": max_tokens, "seed": seed, "temperature": vote_temperature}
     problems, n_bad = load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
     if n_bad:
         print(f"skipped {n_bad} bad line(s) in {data}", file=sys.stderr)
@@ -226,6 +239,8 @@ def run_eval(
         scale = models.slm.lora_scale
         if spec.adapted and models.bundle and scale not in (None, models.bundle.adapter_scale):
             settings["adapter_scale"] = scale  # --adapter-scale: another model than the bundle's
+        if spec.maj_n and vote_temperature != VOTE_TEMPERATURE:
+            settings["vote_temperature"] = vote_temperature
         if batched:  # batched kernels reorder float sums: not mixed with unbatched results
             settings["batch"] = batch
         if spec.maj_n and models.slm.lora_path is not None:  # maj@N samples the base SLM, s2t-local-maj@N the adapted
@@ -247,11 +262,9 @@ def run_eval(
             bar.done = len(runnable) - len(todo)
             if batched:
                 todo_prompts = [prompts[p.id] for p in todo]
-                solved = _solve_batched(models, spec, policy, todo, todo_prompts, max_tokens=max_tokens, seed=seed)
+                solved = _solve_batched(models, spec, policy, todo, todo_prompts, **solve_kw)
             else:
-                solved = (
-                    (p, _solve(models, spec, policy, p, prompts[p.id], max_tokens=max_tokens, seed=seed)) for p in todo
-                )
+                solved = ((p, _solve(models, spec, policy, p, prompts[p.id], **solve_kw)) for p in todo)
             try:
                 for p, rec in solved:
                     rec = {
