@@ -2,8 +2,9 @@
 and against one greedy decode of the same problem; with `--bundle`, the same on the adapted SLM
 (s2t-local greedy, s2t-local-maj@N) beside the base model's.
 
-Every maj@N side samples with T=0.7, top-p 0.8, top-k 20 (the seeds `eval` uses) on the same
-problems; the sides alternate per problem, one problem at a time.
+Every maj@N side samples with T=0.7, top-p 0.8, top-k 20 on the same problems (one batch: the
+seeds `eval` uses; sequential: a seed per sample); the sides alternate per problem, one problem
+at a time. "s2t-local" here is greedy over the adapted SLM (a bundle's reranker is not run).
 
     python benchmarks/maj_parallel.py [--n 8] [--problems 3] [--max-tokens 256] [--threads 2]
     python benchmarks/maj_parallel.py --n 4 --bundle data/bundles/adapter-9 --no-sequential

@@ -120,7 +120,8 @@ def build_policy(
     threshold: float | None = None,
 ) -> Policy:
     """The named policy over loaded models. Default: s2t-local when a bundle is loaded, else greedy;
-    a temperature > 0 samples instead (from the adapted SLM under s2t-local).
+    a temperature > 0 samples instead (under s2t-local from the adapted SLM, if the bundle has an
+    adapter).
 
     A bundle's LoRA adapter belongs to s2t-local, greedy or sampled: building a policy switches it
     on for s2t-local and off for every other (the SLM's KV cache is dropped when that changes the
@@ -133,6 +134,8 @@ def build_policy(
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         # KL and entropy are >= 0: NaN would never fire, a negative value fire at every step
         raise S2TError(f"--threshold must be a finite number >= 0, got {threshold}")
+    if policy == "s2t-local" and models.bundle is None:
+        raise S2TError("policy s2t-local needs a bundle (--bundle PATH, or the default bundle)")
     if models.slm.lora_path is not None:  # the bundle's adapter is part of s2t-local only
         models.slm.use_lora(policy == "s2t-local")
     if temperature > 0:  # sampling over the top-k; the selectors (reranker, teacher) choose greedily
@@ -140,8 +143,6 @@ def build_policy(
     if policy == "greedy":
         return greedy(k)
     if policy == "s2t-local":
-        if models.bundle is None:
-            raise S2TError("policy s2t-local needs a bundle (--bundle PATH, or the default bundle)")
         if not models.bundle.has_reranker:  # greedy over the adapted SLM
             return Policy("s2t-local", k=models.bundle.k)
         sel = S2TLocal(OnnxReranker(models.bundle.onnx_path), models.bundle.threshold, models.bundle.select_rule)

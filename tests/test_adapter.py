@@ -348,6 +348,7 @@ def test_sampling_draws_from_the_adapted_slm(bundle: Path) -> None:
         with pytest.raises(APIError, match="--bundle none"):
             svc.policy_for(GenRequest("completion", "tiny", True, prompt=PROMPTS[1]))
         assert [m["id"] for m in svc.models()["data"]] == ["tiny"]  # no :greedy alias to offer
+        assert svc.adapted  # /health says so: the web chat disables its plain-greedy box
     finally:
         models.close()
 

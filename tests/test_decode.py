@@ -129,6 +129,8 @@ def test_build_policy(engine: Engine) -> None:
         build_policy(models, temperature=-1)
     with pytest.raises(S2TError, match="needs a bundle"):
         build_policy(models, "s2t-local")
+    with pytest.raises(S2TError, match="needs a bundle"):  # sampling "s2t-local" without one is no base sampling
+        build_policy(models, "s2t-local", temperature=0.7)
 
 
 def test_max_tokens(engine: Engine) -> None:

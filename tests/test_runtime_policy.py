@@ -17,7 +17,7 @@ from s2t_edge.decode import DecodeStats, decode
 from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
 from s2t_edge.eval.runner import parse_policies, run_eval
-from s2t_edge.parallel import sample_parallel
+from s2t_edge.parallel import sample_batch, sample_parallel
 from s2t_edge.prompt import ChatTemplate
 from s2t_edge.reranker import S2TLocal
 from s2t_edge.runtime import Models, build_policy, open_models
@@ -274,6 +274,16 @@ def test_run_eval_vote_temperature(tmp_path: Path, tiny_gguf: Path, data: Path) 
                 run_eval(models, data, parse_policies(["maj@3"]), tmp_path / "bad", vote_temperature=bad, **kw)
     finally:
         models.close()
+    models = open_tiny(tiny_gguf, "none", n_seq=6)  # --batch 6: both problems' 3 samples in one batch
+    try:
+        run_eval(models, data, parse_policies(["maj@3"]), tmp_path / "b", vote_temperature=3.0, batch=6, **kw)
+        prompts = [problem_prompt(models.slm, ChatTemplate(models.slm), p["question"]) for p in PROBLEMS[:2]]
+        ref = sample_batch(models.slm, prompts, 3, max_tokens=MAX_TOKENS, temperature=3.0, seeds=[0, 1])
+        want = {i: models.slm.detokenize(samples[0]) for i, samples, _ in ref}
+        got = {r["id"]: r["output"] for r in lines(tmp_path / "b" / "maj_at_3" / "results.jsonl")}
+        assert got == {"gsm:1": want[0], "gsm:2": want[1]}  # records come in finishing order
+    finally:
+        models.close()
     args = ["eval", "--data", str(data), "--policy", "maj@3", "--model", str(tiny_gguf), "--limit", "2"]
     args += ["--max-tokens", str(MAX_TOKENS), "--threads", "1", "--out", str(tmp_path / "cli")]
     r = CliRunner().invoke(main, [*args, "--vote-temperature", "0.2"])
@@ -281,6 +291,11 @@ def test_run_eval_vote_temperature(tmp_path: Path, tiny_gguf: Path, data: Path) 
     assert [x["output"] for x in lines(tmp_path / "cli" / "maj_at_3" / "results.jsonl")] == by_t[0.2]
     r = CliRunner().invoke(main, [*args, "--vote-temperature", "0"])
     assert r.exit_code == 2 and "--vote-temperature" in r.output
+    no_vote = [*args[:4], "greedy", *args[5:], "--vote-temperature", "0.2"]
+    r = CliRunner().invoke(main, no_vote)
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "error: --vote-temperature is the sampling of maj@N / s2t-local-maj@N: add one of them to --policy"
+    ]
 
 
 def test_parse_policies() -> None:

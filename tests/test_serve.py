@@ -167,6 +167,7 @@ def test_models_and_health(server: Server) -> None:
     assert {m.id for m in client(server).models.list()} == {"tiny", "tiny:greedy"}
     status, h = http(server.url, "/health")  # no key needed
     assert status == 200 and h["status"] == "ok" and h["policy"] == "s2t-local" and h["parallel"] == 3
+    assert h["adapted"] is False  # a reranker bundle: the web chat offers plain greedy
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -370,6 +371,7 @@ def test_web_chat_streams_and_marks_flips(server: Server, tmp_path: Path) -> Non
     with Browser(exe, tmp_path / "profile") as b:
         b.goto(server.url + "/")
         b.wait_for("document.getElementById('info').textContent.includes('s2t-local')")
+        assert b.eval("document.getElementById('greedy').disabled") is False  # no adapter: greedy is served
         assert b.eval("document.querySelectorAll('script[src], link[href]').length") == 0  # nothing fetched
         b.eval(f"document.getElementById('key').value = {json.dumps(KEY)}")
         b.eval("document.getElementById('prompt').value = 'What is 2 + 2?'")

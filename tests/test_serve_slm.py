@@ -16,13 +16,14 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai", reason="the dev extra is not installed")
 
+from tests.browser import Browser, find_chromium  # noqa: E402
 from tests.serving import http, serving, sse_events  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MSGS = [{"role": "user", "content": "What is 7 * 6? Answer with the number only."}]
 
 
-def test_real_slm_server(slm_path: Path) -> None:
+def test_real_slm_server(slm_path: Path, tmp_path: Path) -> None:
     args = ["--threads", "1", "--parallel", "2", "--queue", "1", "--ctx", "1024", "--grace", "0"]
     with serving(slm_path, *args) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -43,6 +44,11 @@ def test_real_slm_server(slm_path: Path) -> None:
         sampled = c.chat.completions.create(**kw)
         assert sampled.model_extra["s2t"]["policy"] == "s2t-local-sample"
         assert c.chat.completions.create(**kw).choices[0].message.content == sampled.choices[0].message.content
+        if (exe := find_chromium()) is not None:  # the web chat offers no plain greedy beside the adapter
+            with Browser(exe, tmp_path / "profile") as b:
+                b.goto(s.url + "/")
+                b.wait_for("document.getElementById('info').textContent.includes('s2t-local')")
+                assert b.eval("document.getElementById('greedy').disabled") is True
 
         # 2 running + 1 queued: a 4th request at the same time is refused with 503
         results: list[tuple[int, dict]] = []

@@ -113,6 +113,8 @@ def eval_group(
     specs = parse_policies([p for arg in (policies or ("s2t-local",)) for p in arg.split(",") if p])
     # bad data (missing file, malformed line, missing field) fails here, before models load
     load_problems(data, question_field, answer_field, limit=limit, skip_bad=skip_bad)
+    if vote_temperature is not None and not any(s.maj_n for s in specs):
+        raise S2TError("--vote-temperature is the sampling of maj@N / s2t-local-maj@N: add one of them to --policy")
     maj_n = max([s.maj_n or 1 for s in specs])
     batch_slm = batch if any(batchable(s, trigger) and s.name != "teacher" for s in specs) else 1
     batch_teacher = batch if any(batchable(s, trigger) and s.needs_teacher for s in specs) else 1

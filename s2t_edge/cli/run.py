@@ -80,7 +80,7 @@ _POLICY_OPTIONS = {
         type=click.FloatRange(min=0),
         default=0.0,
         show_default=True,
-        help="Sampling temperature over the top-K (0 = greedy); under s2t-local it samples the adapted SLM.",
+        help="Sampling temperature over the top-K (0 = greedy); under s2t-local, the bundle's adapted SLM.",
     ),
     "seed": click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible runs)."),
     "policy": click.option(

@@ -82,7 +82,9 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API, with a web chat at /.
 
     POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models, GET /health.
-    S2T-LOCAL by default; the model name '<model>:greedy' asks for plain greedy decoding.
+    S2T-LOCAL by default; temperature > 0 samples (from the adapted SLM if the bundle has an
+    adapter). The model name '<model>:greedy' asks for the base model's greedy (not served
+    beside an adapter).
     """
     from s2t_edge.serve.server import ServeConfig, run
 

@@ -3,7 +3,8 @@
 Pure functions over dicts (no web framework, no engine), so every rule of the API is in one
 place. Extension: every response carries `s2t` (policy, steps, triggers, flips, ...), and a
 streamed chunk whose text comes from a token the selector changed carries `"s2t": {"flipped":
-true}`. A model name ending in `:greedy` asks for plain greedy decoding instead of S2T-LOCAL.
+true}`. A model name ending in `:greedy` asks for plain greedy decoding instead of S2T-LOCAL
+(refused by the service beside a LoRA adapter, see `Service.policy_for`).
 """
 
 from __future__ import annotations

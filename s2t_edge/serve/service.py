@@ -114,6 +114,7 @@ class Service:
             "status": "error" if self.worker.failed else "ok",
             "model": self.model_name,
             "policy": self.policy.name,
+            "adapted": self.adapted,  # the web chat then offers no plain greedy
             "parallel": self.worker.parallel,
             "ctx": self.ctx,
             **self.worker.load,
