@@ -466,3 +466,38 @@ def test_cli_eval_adapted_vote_loads_the_bundle(tmp_path: Path, bundle: Path) ->
     assert r.exit_code == 0, r.output
     settings = json.loads((tmp_path / "h" / "s2t-local-maj_at_2" / "settings.json").read_text())
     assert settings["bundle"] == load_bundle(bundle).digest[:16] and settings["policy"] == "s2t-local-maj@2"
+
+
+def test_generate_votes_over_the_adapted_slm(bundle: Path) -> None:
+    """`generate --votes N` prints the winner of exactly the N samples `sample_parallel` draws with
+    the same seed: of the adapted SLM under s2t-local, of the base SLM under --policy greedy."""
+    import json
+
+    from click.testing import CliRunner
+
+    from s2t_edge.cli import main
+    from s2t_edge.eval.vote import majority_vote
+    from s2t_edge.parallel import sample_parallel
+    from s2t_edge.prompt import ChatTemplate, chat_tokens
+
+    args = ["generate", PROMPTS[1], "--bundle", str(bundle), "--votes", "3", "--max-tokens", "10", "--seed", "5"]
+    outs = {}
+    for extra in ([], ["--policy", "greedy"]):
+        r = CliRunner().invoke(main, [*args, *extra, "--threads", "1", "--json"])
+        assert r.exit_code == 0, r.output
+        outs[bool(extra)] = json.loads(r.stdout)
+    adapted, base = outs[False], outs[True]
+    assert adapted["policy"] == "s2t-local-maj@3" and base["policy"] == "maj@3"
+    models = open_models(bundle=str(bundle), ctx=1024, threads=1, progress=False, n_seq=3, unified=True)
+    try:
+        slm = models.slm
+        prompt = chat_tokens(slm, ChatTemplate(slm), [{"role": "user", "content": PROMPTS[1]}])
+        for out, on in ((adapted, True), (base, False)):
+            slm.use_lora(on)
+            samples = sample_parallel(slm, prompt, 3, max_tokens=10, seed=5)
+            assert out["texts"] == [slm.detokenize(s) for s in samples]
+            assert out["stats"]["tokens"] == sum(map(len, samples)) and out["stats"]["temperature"] == 0.7
+            assert (out["answer"], out["votes"]) == majority_vote(out["answers"]) and out["text"] in out["texts"]
+    finally:
+        models.close()
+    assert adapted["texts"] != base["texts"]

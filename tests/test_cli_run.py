@@ -124,6 +124,24 @@ def test_bad_option_values(tiny_gguf: Path, args: list[str], bad: str) -> None:
     assert r.exit_code == 2 and f"Invalid value for '{bad}'" in r.stderr
 
 
+def test_generate_votes(tiny_gguf: Path) -> None:
+    """--votes N: one JSON object with the N samples, their answers and the winner; refused where
+    it cannot run, in one line."""
+    out = generate_json(tiny_gguf, "--votes", "4", "--seed", "2")
+    assert out["policy"] == "maj@4" and len(out["texts"]) == len(out["answers"]) == 4
+    assert out["text"] in out["texts"] and out["stats"]["tokens"] <= 4 * 8
+    assert out == generate_json(tiny_gguf, "--votes", "4", "--seed", "2") | {"stats": out["stats"]}
+    r = cli(tiny_gguf, "generate", PROMPT, "--votes", "4", "--max-tokens", "8")
+    assert r.exit_code == 0 and r.stdout.strip() and r.stderr.startswith("[maj@4: ")
+    r = cli(tiny_gguf, "generate", "hello " * 300, "--votes", "4", "--max-tokens", "200")
+    assert "lower --max-tokens or raise --ctx" in one_error_line(r)
+    for bad in (["--show-flips"], ["--policy", "s2t"]):
+        r = cli(tiny_gguf, "generate", PROMPT, "--votes", "2", *bad)
+        assert r.exit_code == 2 and "--votes samples the SLM itself" in r.stderr
+    r = cli(tiny_gguf, "generate", PROMPT, "--votes", "1")
+    assert r.exit_code == 2 and "Invalid value for '--votes'" in r.stderr
+
+
 def test_generate_ctrl_c(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(s2t_edge.cli.run, "decode", interrupt_after(3))
     r = cli(tiny_gguf, "generate", PROMPT, "--show-stats")

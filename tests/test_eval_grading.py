@@ -158,3 +158,22 @@ def test_eval_records_count_truncation(tmp_path):
 
     recs = [{"id": "a", "correct": True, "truncated": 0}, {"id": "b", "correct": False, "truncated": 1}]
     assert summarize(recs)["truncated"] == 1
+
+
+def test_tally_votes_on_the_final_answers() -> None:
+    """`tally` reads each sample's answer (a cut-off one only from an explicit final answer),
+    votes on normalised numbers and points at the first sample that gave the winner."""
+    from s2t_edge.eval.vote import tally
+
+    texts = {1: "so 3 + 3 = 6", 2: "The answer is 5.", 3: "\\boxed{5.0}", 4: "still adding 7"}
+
+    class Words:
+        def detokenize(self, ids: list[int]) -> str:
+            return texts[ids[0]]
+
+    t = tally(Words(), [[1], [2], [3], [4, 0, 0]], max_tokens=3)  # type: ignore[arg-type]
+    assert t.answers == ["6", "5", "5.0", None]  # the last one was cut off at 3 tokens
+    assert (t.pred, t.votes, t.winner, t.truncated, t.tokens) == ("5", 2, 1, 1, 6)
+    assert t.texts[t.winner] == "The answer is 5."
+    none = tally(Words(), [[4, 0, 0]], max_tokens=3)  # type: ignore[arg-type]
+    assert (none.pred, none.votes, none.winner) == (None, 0, 0)

@@ -17,6 +17,8 @@ from s2t_edge.chat import ChatSession
 from s2t_edge.cli import options as cli_options
 from s2t_edge.decode import DecodeStats, Token, decode
 from s2t_edge.errors import S2TError
+from s2t_edge.eval.vote import vote
+from s2t_edge.parallel import VOTE_TEMPERATURE
 from s2t_edge.policy import Policy
 from s2t_edge.prompt import ChatTemplate, Message, chat_tokens
 from s2t_edge.runtime import POLICIES, TRIGGERS, Models, build_policy, open_models
@@ -119,7 +121,8 @@ class RunOptions:
     def model_name(self) -> str:
         return self.model or store.default_model("slm")
 
-    def load(self) -> tuple[Models, Policy]:
+    def load(self, n_seq: int = 1) -> tuple[Models, Policy]:
+        """The models and policy; `n_seq` > 1 shares one KV cache among that many sequences (a vote)."""
         if self.policy_opts.get("policy") in ("s2t", "takeover") and self.teacher is None:
             self.teacher = store.default_model("teacher")
         models = open_models(
@@ -129,6 +132,8 @@ class RunOptions:
             ctx=self.ctx,
             threads=self.threads,
             gpu_layers=self.gpu_layers,
+            n_seq=n_seq,
+            unified=True if n_seq > 1 else None,
             pull=self.pull or None,
             adapter_scale=self.adapter_scale,
         )
@@ -203,17 +208,42 @@ def _prompt_messages(text: str, system: str | None) -> list[Message]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--show-stats", is_flag=True, help="Print a stats line on stderr at the end.")
 @click.option("--show-flips", is_flag=True, help="Highlight tokens the selector changed.")
+@click.option(
+    "--votes",
+    type=click.IntRange(2, 64),
+    default=None,
+    metavar="N",
+    help="Sample N answers as one batch and print the one whose final number most of them give "
+    "(maj@N; under s2t-local the adapted SLM's samples; --temperature, default 0.7).",
+)
 @run_options
 def generate(
-    run: RunOptions, prompt: str, raw: bool, system: str | None, as_json: bool, show_stats: bool, show_flips: bool
+    run: RunOptions,
+    prompt: str,
+    raw: bool,
+    system: str | None,
+    as_json: bool,
+    show_stats: bool,
+    show_flips: bool,
+    votes: int | None,
 ) -> None:
     """Answer PROMPT (`-` reads stdin) as one chat turn, streaming tokens to stdout."""
     if raw and system:
         raise click.UsageError("--system needs the chat template; drop --raw")
+    if votes and (show_flips or run.policy_opts["policy"] in ("s2t", "takeover")):
+        raise click.UsageError("--votes samples the SLM itself: not with --show-flips or --policy s2t / takeover")
     text = read_stdin() if prompt == "-" else prompt
-    models, policy = run.load()
+    if votes:
+        if run.ctx:  # the prompt and N answers share one cache (0 = the model's whole context)
+            run.ctx = max(run.ctx, 1024 + votes * run.max_tokens)
+        temperature = run.policy_opts["temperature"] or VOTE_TEMPERATURE
+        run.policy_opts["temperature"] = 0.0  # the policy only picks the SLM: adapted under s2t-local
+    models, policy = run.load(n_seq=votes or 1)
     engine = models.slm
     ids = engine.tokenize(text) if raw else chat_tokens(engine, ChatTemplate(engine), _prompt_messages(text, system))
+    if votes:
+        _generate_votes(run, models, policy, ids, votes, temperature, as_json=as_json, show_stats=show_stats)
+        return
     stats = DecodeStats()
     tokens = decode(engine, ids, max_tokens=run.max_tokens, stats=stats, **policy.decode_args())
     out, interrupted = stream(tokens, echo=not as_json, flips=show_flips)
@@ -234,6 +264,57 @@ def generate(
         click.echo(stats_line(stats), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _generate_votes(
+    run: RunOptions,
+    models: Models,
+    policy: Policy,
+    ids: list[int],
+    n: int,
+    temperature: float,
+    *,
+    as_json: bool,
+    show_stats: bool,
+) -> None:
+    """`generate --votes N`: N samples of the policy's SLM as one batch; print the winning one."""
+    engine = models.slm
+    if len(ids) + n * run.max_tokens > engine.n_ctx:
+        raise S2TError(
+            f"the prompt ({len(ids)} tokens) and {n} answers of up to {run.max_tokens} tokens need "
+            f"{len(ids) + n * run.max_tokens} cells, the context has {engine.n_ctx}; lower --max-tokens or raise --ctx"
+        )
+    name = f"{'s2t-local-' if engine.lora_on else ''}maj@{n}"
+    if not as_json and sys.stderr.isatty():
+        click.echo(f"sampling {n} answers as one batch ({name}, T {temperature:g})…", err=True)
+    t0 = time.perf_counter()
+    seed = run.policy_opts["seed"]
+    t = vote(engine, ids, n, max_tokens=run.max_tokens, temperature=temperature, seed=seed)
+    seconds = time.perf_counter() - t0
+    shown = ", ".join("-" if a is None else a for a in t.answers)
+    won = f"{t.pred} won {t.votes} of {n} votes" if t.pred is not None else "no sample gave a final answer"
+    summary = f"[{name}: {won}; answers {shown}]"
+    if as_json:
+        result = {
+            "text": t.texts[t.winner],
+            "answer": t.pred,
+            "votes": t.votes,
+            "answers": t.answers,
+            "texts": t.texts,
+            "stats": {"tokens": t.tokens, "truncated": t.truncated, "seconds": seconds, "temperature": temperature},
+            "model": run.model_name,
+            "policy": name,
+        }
+        click.echo(json.dumps(result))
+    else:
+        click.echo(t.texts[t.winner])
+        click.echo(summary, err=True)
+    if show_stats:
+        click.echo(
+            f"[{t.tokens} tokens in {seconds:.1f} s, {t.tokens / max(seconds, 1e-9):.1f} tok/s, "
+            f"{t.truncated} cut at max tokens]",
+            err=True,
+        )
 
 
 # ---- chat ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from s2t_edge.errors import S2TError
 from s2t_edge.eval.data import Problem, load_problems
 from s2t_edge.eval.grading import extract_answer, is_correct
 from s2t_edge.eval.results import ResultsDir
-from s2t_edge.eval.vote import majority_vote
+from s2t_edge.eval.vote import tally
 from s2t_edge.parallel import VOTE_TEMPERATURE, sample_batch, sample_parallel
 from s2t_edge.policy import Policy
 from s2t_edge.progress import Progress
@@ -94,20 +94,17 @@ def _engine_for(models: Models, spec: EvalSpec) -> Engine:
 
 
 def _maj_record(engine: Engine, samples: list[list[int]], seconds: float, max_tokens: int) -> dict:
-    texts = [engine.detokenize(x) for x in samples]
-    cut = [len(x) >= max_tokens for x in samples]  # no end-of-turn within max tokens
-    answers = [extract_answer(t, complete=not c) for t, c in zip(texts, cut)]
-    pred, votes = majority_vote(answers)
+    t = tally(engine, samples, max_tokens)
     return {
-        "output": texts[0],
-        "pred": pred,
-        "votes": votes,
-        "answers": answers,
-        "tokens": sum(len(x) for x in samples),
+        "output": t.texts[0],
+        "pred": t.pred,
+        "votes": t.votes,
+        "answers": t.answers,
+        "tokens": t.tokens,
         "seconds": seconds,
         "triggers": 0,
         "flips": 0,
-        "truncated": sum(cut),
+        "truncated": t.truncated,
     }
 
 
