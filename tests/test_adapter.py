@@ -469,16 +469,17 @@ def test_cli_eval_adapted_vote_loads_the_bundle(tmp_path: Path, bundle: Path) ->
 
 
 def test_generate_votes_over_the_adapted_slm(bundle: Path) -> None:
-    """`generate --votes N` prints the winner of exactly the N samples `sample_parallel` draws with
-    the same seed: of the adapted SLM under s2t-local, of the base SLM under --policy greedy."""
+    """`generate --votes N` prints the winner of exactly the N samples eval's maj@N draws from the
+    same prompt and seed: of the adapted SLM under s2t-local, of the base SLM under --policy greedy."""
     import json
 
     from click.testing import CliRunner
 
     from s2t_edge.cli import main
+    from s2t_edge.collect import problem_prompt
     from s2t_edge.eval.vote import majority_vote
     from s2t_edge.parallel import sample_parallel
-    from s2t_edge.prompt import ChatTemplate, chat_tokens
+    from s2t_edge.prompt import ChatTemplate
 
     args = ["generate", PROMPTS[1], "--bundle", str(bundle), "--votes", "3", "--max-tokens", "10", "--seed", "5"]
     outs = {}
@@ -491,7 +492,7 @@ def test_generate_votes_over_the_adapted_slm(bundle: Path) -> None:
     models = open_models(bundle=str(bundle), ctx=1024, threads=1, progress=False, n_seq=3, unified=True)
     try:
         slm = models.slm
-        prompt = chat_tokens(slm, ChatTemplate(slm), [{"role": "user", "content": PROMPTS[1]}])
+        prompt = problem_prompt(slm, ChatTemplate(slm), PROMPTS[1])  # eval's prompt: the same samples
         for out, on in ((adapted, True), (base, False)):
             slm.use_lora(on)
             samples = sample_parallel(slm, prompt, 3, max_tokens=10, seed=5)

@@ -149,7 +149,15 @@ def test_default_bundle_runs_s2t_local(slm_path: Path) -> None:
 def test_generate_votes_with_the_default_bundle(slm_path: Path) -> None:
     """`generate --votes` on the real SLM: the adapted SLM's samples, their answers read and voted."""
     r = run_cli(
-        slm_path, "generate", "--votes", "3", "--max-tokens", "32", "--seed", "1", "What is 2 + 3? Reply with a number."
+        slm_path,
+        "generate",
+        "--votes",
+        "3",
+        "--max-tokens",
+        "120",
+        "--seed",
+        "1",
+        "What is 2 + 3? Reply with a number.",
     )
     assert r.returncode == 0, r.stderr
     assert "5" in r.stdout and r.stderr.startswith("[s2t-local-maj@3: 5 won ")

@@ -17,6 +17,7 @@ from s2t_edge.chat import ChatSession
 from s2t_edge.cli import options as cli_options
 from s2t_edge.decode import DecodeStats, Token, decode
 from s2t_edge.errors import S2TError
+from s2t_edge.eval.grading import SYSTEM_PROMPT
 from s2t_edge.eval.vote import vote
 from s2t_edge.parallel import VOTE_TEMPERATURE
 from s2t_edge.policy import Policy
@@ -214,7 +215,8 @@ def _prompt_messages(text: str, system: str | None) -> list[Message]:
     default=None,
     metavar="N",
     help="Sample N answers as one batch and print the one whose final number most of them give "
-    "(maj@N; under s2t-local the adapted SLM's samples; --temperature, default 0.7).",
+    "(maj@N; under s2t-local the adapted SLM's samples; --temperature, default 0.7; without --system, "
+    "eval's math prompt).",
 )
 @run_options
 def generate(
@@ -234,6 +236,8 @@ def generate(
         raise click.UsageError("--votes samples the SLM itself: not with --show-flips or --policy s2t / takeover")
     text = read_stdin() if prompt == "-" else prompt
     if votes:
+        if system is None and not raw:  # the prompt the votes were measured with: it asks for \boxed{}
+            system = SYSTEM_PROMPT
         if run.ctx:  # the prompt and N answers share one cache (0 = the model's whole context)
             run.ctx = max(run.ctx, 1024 + votes * run.max_tokens)
         temperature = run.policy_opts["temperature"] or VOTE_TEMPERATURE
