@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from s2t_edge.eval.vote import majority_vote
+from s2t_edge.eval.vote import answer_key, majority_vote
 
 Rule = Callable[[str | None, list[str | None]], tuple[str | None, int]]
 
@@ -48,7 +48,7 @@ def anchored(m: int) -> Rule:
     """Greedy first; stop if `m` samples all agree with it, else vote it with every sample."""
 
     def rule(greedy: str | None, answers: list[str | None]) -> tuple[str | None, int]:
-        if greedy is not None and all(a == greedy for a in answers[:m]):
+        if greedy is not None and all(answer_key(a) == answer_key(greedy) for a in answers[:m]):
             return greedy, 1 + m
         return majority_vote([greedy, *answers])[0], 1 + len(answers)
 
@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--greedy", type=Path, help="the same model's greedy run on the same problems")
     args = ap.parse_args()
     runs = [r for r in load(args.run).values() if r.get("answers")]
+    if not runs:
+        raise SystemExit(f"error: {args.run} has no maj@N records (no 'answers')")
     n = len(runs[0]["answers"])
     print(f"{args.run}: {len(runs)} problems, {n} samples each")
     curve = ", ".join(f"k={k} {a:.1%}" for k, a in enumerate(subset_curve(runs), 1))
@@ -76,7 +78,7 @@ def main() -> None:
     for name, rule in rules.items():
         out = [rule(greedy.get(r["id"]), r["answers"]) for r in runs]
         acc = sum(p == r["gold"] for (p, _), r in zip(out, runs)) / len(runs)
-        print(f"  {name:32s} {acc:6.1%}  answers drawn per problem {sum(c for _, c in out) / len(runs):.2f} (of {n})")
+        print(f"  {name:32s} {acc:6.1%}  answers per problem {sum(c for _, c in out) / len(runs):.2f} (maj@{n}: {n})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 
 import s2t_edge.chat
 import s2t_edge.cli.run
+import s2t_edge.cli.vote
 from s2t_edge.cli import main
 from s2t_edge.decode import Token, decode
 from s2t_edge.engine import Engine
@@ -129,17 +130,46 @@ def test_generate_votes(tiny_gguf: Path) -> None:
     it cannot run, in one line."""
     out = generate_json(tiny_gguf, "--votes", "4", "--seed", "2")
     assert out["policy"] == "maj@4" and len(out["texts"]) == len(out["answers"]) == 4
-    assert out["text"] in out["texts"] and out["stats"]["tokens"] <= 4 * 8
+    assert out["text"] in out["texts"] and out["stats"]["tokens"] <= 4 * 8 and out["stats"]["temperature"] == 0.7
     assert out == generate_json(tiny_gguf, "--votes", "4", "--seed", "2") | {"stats": out["stats"]}
-    r = cli(tiny_gguf, "generate", PROMPT, "--votes", "4", "--max-tokens", "8")
-    assert r.exit_code == 0 and r.stdout.strip() and r.stderr.startswith("[maj@4: ")
+    assert (
+        generate_json(tiny_gguf, "--votes", "4", "--seed", "2", "--temperature", "0.3")["stats"]["temperature"] == 0.3
+    )
     r = cli(tiny_gguf, "generate", "hello " * 300, "--votes", "4", "--max-tokens", "200")
-    assert "lower --max-tokens or raise --ctx" in one_error_line(r)
-    for bad in (["--show-flips"], ["--policy", "s2t"]):
+    assert "do not fit the 256 tokens a sequence holds; lower --max-tokens" in one_error_line(r)
+    for bad, flag in (
+        (["--show-flips"], "--show-flips"),
+        (["--k", "4"], "--k"),
+        (["--teacher", str(tiny_gguf)], "--teacher"),
+        (["--policy", "s2t"], "--policy s2t / takeover"),
+    ):
         r = cli(tiny_gguf, "generate", PROMPT, "--votes", "2", *bad)
-        assert r.exit_code == 2 and "--votes samples the SLM itself" in r.stderr
+        assert r.exit_code == 2 and f"--votes samples the SLM itself (top-k 20, top-p 0.8): not with {flag}" in r.stderr
+    r = cli(tiny_gguf, "generate", PROMPT, "--votes", "2", "--temperature", "0")
+    assert r.exit_code == 2 and "--temperature must be > 0" in r.stderr
     r = cli(tiny_gguf, "generate", PROMPT, "--votes", "1")
     assert r.exit_code == 2 and "Invalid value for '--votes'" in r.stderr
+
+
+def test_generate_votes_prints_the_winner(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The winning sample's text on stdout, the vote on stderr; Ctrl-C exits 130 with one line."""
+    from s2t_edge.eval.vote import Tally
+
+    texts = ["so \\boxed{4}", "then \\boxed{5}", "\\boxed{5.0}"]
+    tally = Tally(texts, ["4", "5", "5.0"], "5", 2, 30, 0)
+    monkeypatch.setattr(s2t_edge.cli.vote, "vote", lambda *a, **kw: tally)
+    r = cli(tiny_gguf, "generate", PROMPT, "--votes", "3", "--max-tokens", "8", "--show-stats")
+    assert r.exit_code == 0 and r.stdout == "then \\boxed{5}\n"
+    lines = r.stderr.splitlines()
+    assert lines[0] == "[maj@3: 5 won 2 of 3 votes; answers 4, 5, 5.0]" and lines[1].startswith("[30 tokens in ")
+    assert generate_json(tiny_gguf, "--votes", "3")["text"] == "then \\boxed{5}"
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(s2t_edge.cli.vote, "vote", interrupted)
+    r = cli(tiny_gguf, "generate", PROMPT, "--votes", "3", "--max-tokens", "8")
+    assert r.exit_code == 130 and r.stdout == "" and "interrupted: no vote" in r.stderr and "Traceback" not in r.output
 
 
 def test_generate_ctrl_c(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +183,7 @@ def test_generate_ctrl_c(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_ctrl_c_while_loading(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(self):
+    def interrupted(self, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(s2t_edge.cli.run.RunOptions, "load", interrupted)

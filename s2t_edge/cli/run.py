@@ -15,11 +15,9 @@ import click
 from s2t_edge import store
 from s2t_edge.chat import ChatSession
 from s2t_edge.cli import options as cli_options
+from s2t_edge.cli import vote as cli_vote
 from s2t_edge.decode import DecodeStats, Token, decode
 from s2t_edge.errors import S2TError
-from s2t_edge.eval.grading import SYSTEM_PROMPT
-from s2t_edge.eval.vote import vote
-from s2t_edge.parallel import VOTE_TEMPERATURE
 from s2t_edge.policy import Policy
 from s2t_edge.prompt import ChatTemplate, Message, chat_tokens
 from s2t_edge.runtime import POLICIES, TRIGGERS, Models, build_policy, open_models
@@ -214,9 +212,9 @@ def _prompt_messages(text: str, system: str | None) -> list[Message]:
     type=click.IntRange(2, 64),
     default=None,
     metavar="N",
-    help="Sample N answers as one batch and print the one whose final number most of them give "
-    "(maj@N; under s2t-local the adapted SLM's samples; --temperature, default 0.7; without --system, "
-    "eval's math prompt).",
+    help="Sample N answers as one batch (maj@N: the adapted SLM's under s2t-local; --temperature, "
+    "default 0.7, top-k 20, top-p 0.8) and print the first whose final number most of them give; "
+    "the prompt gets eval's math system message unless --system or --raw.",
 )
 @run_options
 def generate(
@@ -232,21 +230,14 @@ def generate(
     """Answer PROMPT (`-` reads stdin) as one chat turn, streaming tokens to stdout."""
     if raw and system:
         raise click.UsageError("--system needs the chat template; drop --raw")
-    if votes and (show_flips or run.policy_opts["policy"] in ("s2t", "takeover")):
-        raise click.UsageError("--votes samples the SLM itself: not with --show-flips or --policy s2t / takeover")
-    text = read_stdin() if prompt == "-" else prompt
     if votes:
-        if system is None and not raw:  # the prompt the votes were measured with: it asks for \boxed{}
-            system = SYSTEM_PROMPT
-        if run.ctx:  # the prompt and N answers share one cache (0 = the model's whole context)
-            run.ctx = max(run.ctx, 1024 + votes * run.max_tokens)
-        temperature = run.policy_opts["temperature"] or VOTE_TEMPERATURE
-        run.policy_opts["temperature"] = 0.0  # the policy only picks the SLM: adapted under s2t-local
+        system = cli_vote.prepare(run, votes, system, raw)
+    text = read_stdin() if prompt == "-" else prompt
     models, policy = run.load(n_seq=votes or 1)
     engine = models.slm
     ids = engine.tokenize(text) if raw else chat_tokens(engine, ChatTemplate(engine), _prompt_messages(text, system))
     if votes:
-        _generate_votes(run, models, policy, ids, votes, temperature, as_json=as_json, show_stats=show_stats)
+        cli_vote.generate_votes(run, models, ids, votes, as_json=as_json, show_stats=show_stats)
         return
     stats = DecodeStats()
     tokens = decode(engine, ids, max_tokens=run.max_tokens, stats=stats, **policy.decode_args())
@@ -268,57 +259,6 @@ def generate(
         click.echo(stats_line(stats), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
-
-
-def _generate_votes(
-    run: RunOptions,
-    models: Models,
-    policy: Policy,
-    ids: list[int],
-    n: int,
-    temperature: float,
-    *,
-    as_json: bool,
-    show_stats: bool,
-) -> None:
-    """`generate --votes N`: N samples of the policy's SLM as one batch; print the winning one."""
-    engine = models.slm
-    if len(ids) + n * run.max_tokens > engine.n_ctx:
-        raise S2TError(
-            f"the prompt ({len(ids)} tokens) and {n} answers of up to {run.max_tokens} tokens need "
-            f"{len(ids) + n * run.max_tokens} cells, the context has {engine.n_ctx}; lower --max-tokens or raise --ctx"
-        )
-    name = f"{'s2t-local-' if engine.lora_on else ''}maj@{n}"
-    if not as_json and sys.stderr.isatty():
-        click.echo(f"sampling {n} answers as one batch ({name}, T {temperature:g})…", err=True)
-    t0 = time.perf_counter()
-    seed = run.policy_opts["seed"]
-    t = vote(engine, ids, n, max_tokens=run.max_tokens, temperature=temperature, seed=seed)
-    seconds = time.perf_counter() - t0
-    shown = ", ".join("-" if a is None else a for a in t.answers)
-    won = f"{t.pred} won {t.votes} of {n} votes" if t.pred is not None else "no sample gave a final answer"
-    summary = f"[{name}: {won}; answers {shown}]"
-    if as_json:
-        result = {
-            "text": t.texts[t.winner],
-            "answer": t.pred,
-            "votes": t.votes,
-            "answers": t.answers,
-            "texts": t.texts,
-            "stats": {"tokens": t.tokens, "truncated": t.truncated, "seconds": seconds, "temperature": temperature},
-            "model": run.model_name,
-            "policy": name,
-        }
-        click.echo(json.dumps(result))
-    else:
-        click.echo(t.texts[t.winner])
-        click.echo(summary, err=True)
-    if show_stats:
-        click.echo(
-            f"[{t.tokens} tokens in {seconds:.1f} s, {t.tokens / max(seconds, 1e-9):.1f} tok/s, "
-            f"{t.truncated} cut at max tokens]",
-            err=True,
-        )
 
 
 # ---- chat ----------------------------------------------------------------------------------

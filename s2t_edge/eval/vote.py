@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from s2t_edge.engine import Engine
 from s2t_edge.eval.grading import extract_answer, normalize_number
-from s2t_edge.parallel import VOTE_TEMPERATURE, sample_parallel
+
+if TYPE_CHECKING:  # the vote itself stays importable without llama.cpp (offline analysis)
+    from s2t_edge.engine import Engine
 
 
 def majority_vote(answers: list[str | None]) -> tuple[str | None, int]:
@@ -20,7 +22,7 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, int]:
     """
     counts: dict[str, int] = {}  # insertion order = first appearance
     for a in answers:
-        key = _key(a)
+        key = answer_key(a)
         if key is not None:
             counts[key] = counts.get(key, 0) + 1
     if not counts:
@@ -29,7 +31,8 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, int]:
     return winner, counts[winner]
 
 
-def _key(answer: str | None) -> str | None:
+def answer_key(answer: str | None) -> str | None:
+    """The key an answer is voted under: its normalised number, else the stripped text; None for none."""
     if answer is None or not answer.strip():
         return None
     return normalize_number(answer) or answer.strip()
@@ -49,7 +52,7 @@ class Tally:
     @property
     def winner(self) -> int:
         """Index of the first sample that gave the winning answer (0 when no sample answered)."""
-        return next((i for i, a in enumerate(self.answers) if self.pred is not None and _key(a) == self.pred), 0)
+        return next((i for i, a in enumerate(self.answers) if self.pred is not None and answer_key(a) == self.pred), 0)
 
 
 def tally(engine: Engine, samples: Sequence[Sequence[int]], max_tokens: int) -> Tally:
@@ -67,9 +70,13 @@ def vote(
     n: int,
     *,
     max_tokens: int = 512,
-    temperature: float = VOTE_TEMPERATURE,
+    temperature: float | None = None,
     seed: int | None = None,
 ) -> Tally:
-    """maj@N of one prompt: `n` samples as one batch (see `parallel.sample_batch`), voted."""
+    """maj@N of one prompt: `n` samples as one batch (see `parallel.sample_batch`), voted;
+    `temperature` defaults to `parallel.VOTE_TEMPERATURE`."""
+    from s2t_edge.parallel import VOTE_TEMPERATURE, sample_parallel
+
+    temperature = VOTE_TEMPERATURE if temperature is None else temperature
     samples = sample_parallel(engine, prompt, n, max_tokens=max_tokens, temperature=temperature, seed=seed)
     return tally(engine, samples, max_tokens)
