@@ -149,6 +149,38 @@ def test_sampling_is_per_request_and_seeded(server: Server, reference: Reference
     assert a.model_extra["s2t"]["policy"] == "sample"
 
 
+def test_n_choices_are_seeded_samples_streamed_and_not(server: Server, reference: Reference, ref_models) -> None:
+    """`n` choices decode together in the batch: choice i is the sample of seed + i, streamed or
+    not; usage counts the prompt once and every choice's tokens."""
+    want = []
+    for i in range(3):
+        _, toks, _ = reference(MSGS, max_tokens=12, policy=sampling(0.9, top_p=0.9, top_k=40, seed=5 + i))
+        want.append(ref_models.slm.detokenize([t.id for t in toks]))
+    assert len(set(want)) > 1
+    c = client(server)
+    kw = {"model": "tiny", "messages": MSGS, "max_tokens": 12, "temperature": 0.9, "top_p": 0.9, "seed": 5, "n": 3}
+    r = c.chat.completions.create(**kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in r.choices] == want
+    assert all(ch.model_extra["s2t"]["policy"] == "sample" for ch in r.choices)
+    assert r.usage.completion_tokens == sum(ch.model_extra["s2t"]["steps"] for ch in r.choices)
+    parts: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished, usage = set(), None
+    for ev in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        for ch in ev.choices:
+            parts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished.add(ch.index)
+        usage = ev.usage or usage
+    assert [parts[i] for i in range(3)] == want and finished == {0, 1, 2}
+    assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+    assert usage.prompt_tokens == r.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="at most 3 here"):
+        c.chat.completions.create(**(kw | {"n": 4}))
+    with pytest.raises(openai.BadRequestError, match="set temperature > 0"):
+        c.chat.completions.create(**(kw | {"temperature": 0}))
+
+
 def test_stop_string_cuts_the_answer(server: Server, reference: Reference, ref_models) -> None:
     _, toks, _ = reference(MSGS, max_tokens=20)
     text = ref_models.slm.detokenize([t.id for t in toks])

@@ -84,59 +84,70 @@ async def _generate(svc: Service, request: Request, kind: str) -> Response:
     svc.check_key(request.headers.get("authorization"))
     req = parse_request(parse_json(await request.body()), kind, svc.model_name)
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    def emit(ev: Event) -> None:  # called from the worker thread
+    def emit(choice: int, ev: Event) -> None:  # called from the worker thread
         try:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+            loop.call_soon_threadsafe(events.put_nowait, (choice, ev))
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
-    job = await run_in_threadpool(svc.job, req, emit)  # renders and tokenizes; 400s come from here
-    svc.worker.submit(job)  # 503 when the queue is full
+    jobs = await run_in_threadpool(svc.jobs, req, emit)  # renders and tokenizes; 400s come from here
+    svc.worker.submit(*jobs)  # 503 when the queue is full
     if req.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_stream(req, job, events), media_type="text/event-stream", headers=headers)
-    return await _collect(request, req, job, events)
+        return StreamingResponse(_stream(req, jobs, events), media_type="text/event-stream", headers=headers)
+    return await _collect(request, req, jobs, events)
 
 
-async def _stream(req: GenRequest, job: Job, events: asyncio.Queue[Event]) -> AsyncIterator[bytes]:
+async def _stream(req: GenRequest, jobs: list[Job], events: asyncio.Queue[tuple[int, Event]]) -> AsyncIterator[bytes]:
+    done: dict[int, Done] = {}
     try:
         if req.kind == "chat":
-            yield sse(chunk(req, role=True, text=""))
-        while True:
-            ev = await events.get()
+            for i in range(len(jobs)):
+                yield sse(chunk(req, role=True, text="", index=i))
+        while len(done) < len(jobs):
+            i, ev = await events.get()
             if isinstance(ev, Piece):
-                yield sse(chunk(req, text=ev.text, flipped=ev.flipped))
+                yield sse(chunk(req, text=ev.text, flipped=ev.flipped, index=i))
             elif isinstance(ev, Done):
-                yield sse(chunk(req, finish_reason=ev.finish_reason, s2t=ev.stats))
-                if req.include_usage:
-                    yield sse(chunk(req, use=usage(len(job.prompt), ev.completion_tokens)))
-                break
+                done[i] = ev
+                yield sse(chunk(req, finish_reason=ev.finish_reason, s2t=ev.stats, index=i))
             else:  # the error object as an event: OpenAI's clients raise it
                 yield sse(ev.error.body())
                 break
+        else:
+            if req.include_usage:
+                tokens = sum(d.completion_tokens for d in done.values())
+                yield sse(chunk(req, use=usage(len(jobs[0].prompt), tokens)))
         yield sse("[DONE]")
-    finally:  # also when the client went away mid-answer: its slot is freed at the next step
-        job.cancelled = True
+    finally:  # also when the client went away mid-answer: its slots are freed at the next step
+        for job in jobs:
+            job.cancelled = True
 
 
-async def _collect(request: Request, req: GenRequest, job: Job, events: asyncio.Queue[Event]) -> Response:
-    parts: list[str] = []
+async def _collect(
+    request: Request, req: GenRequest, jobs: list[Job], events: asyncio.Queue[tuple[int, Event]]
+) -> Response:
+    parts: list[list[str]] = [[] for _ in jobs]
+    done: dict[int, Done] = {}
     try:
-        while True:
+        while len(done) < len(jobs):
             try:
-                ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                i, ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return Response(status_code=499)  # nobody reads it
                 continue
             if isinstance(ev, Piece):
-                parts.append(ev.text)
+                parts[i].append(ev.text)
             elif isinstance(ev, Done):
-                use = usage(len(job.prompt), ev.completion_tokens)
-                return JSONResponse(response(req, "".join(parts), ev.finish_reason, use, ev.stats))
+                done[i] = ev
             elif isinstance(ev, Failed):
                 raise ev.error
+        use = usage(len(jobs[0].prompt), sum(d.completion_tokens for d in done.values()))
+        outs = [("".join(parts[i]), done[i].finish_reason, done[i].stats) for i in range(len(jobs))]
+        return JSONResponse(response(req, outs, use))
     finally:
-        job.cancelled = True
+        for job in jobs:
+            job.cancelled = True

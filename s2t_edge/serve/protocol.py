@@ -18,6 +18,7 @@ from typing import Any
 GREEDY_SUFFIX = ":greedy"
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOPS = 4
+MAX_CHOICES = 16  # n: choices of one request (each takes a slot; at most --parallel)
 
 
 class APIError(Exception):
@@ -55,6 +56,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices, sampled as one batch (seeds seed, seed + 1, ...)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -140,8 +142,11 @@ def parse_request(body: dict[str, Any], kind: str, default_model: str) -> GenReq
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
     req.stop = [s for s in stops if s]
     n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be an integer from 1 to {MAX_CHOICES}", param="n")
+    if n > 1 and req.temperature == 0:
+        raise APIError(400, "n > 1 samples its choices: set temperature > 0 (greedy gives n equal answers)", param="n")
+    req.n = n
     req.stream = bool(body.get("stream", False))
     opts = body.get("stream_options") or {}
     req.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
@@ -156,23 +161,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def response(req: GenRequest, text: str, finish_reason: str, use: dict, s2t: dict) -> dict[str, Any]:
-    """The whole answer (`stream` false)."""
-    if req.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-        obj = "chat.completion"
-    else:
-        choice, obj = {"index": 0, "text": text}, "text_completion"
-    choice.update(finish_reason=finish_reason, logprobs=None)
+def response(req: GenRequest, outs: list[tuple[str, str, dict]], use: dict) -> dict[str, Any]:
+    """The whole answer (`stream` false): one choice per (text, finish_reason, s2t stats). With
+    n > 1 each choice carries its own `s2t`; the top-level one is the first choice's."""
+    choices = []
+    for i, (text, finish_reason, s2t) in enumerate(outs):
+        if req.kind == "chat":
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": i, "text": text}
+        choice.update(finish_reason=finish_reason, logprobs=None)
+        if len(outs) > 1:
+            choice["s2t"] = s2t
+        choices.append(choice)
     return {
         "id": req.response_id,
-        "object": obj,
+        "object": "chat.completion" if req.kind == "chat" else "text_completion",
         "created": req.created,
         "model": req.model,
-        "choices": [choice],
+        "choices": choices,
         "usage": use,
         "system_fingerprint": None,
-        "s2t": s2t,
+        "s2t": outs[0][2],
     }
 
 
@@ -185,18 +195,20 @@ def chunk(
     flipped: bool = False,
     s2t: dict | None = None,
     use: dict | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One server-sent event of a streamed answer; `use` alone makes the final usage chunk."""
+    """One server-sent event of a streamed answer (of choice `index`); `use` alone makes the final
+    usage chunk."""
     if req.kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        choice: dict[str, Any] = {"index": index, "delta": delta}
         obj = "chat.completion.chunk"
     else:
-        choice, obj = {"index": 0, "text": text or ""}, "text_completion"
+        choice, obj = {"index": index, "text": text or ""}, "text_completion"
     choice.update(finish_reason=finish_reason, logprobs=None)
     out: dict[str, Any] = {
         "id": req.response_id,

@@ -7,6 +7,7 @@ that touches the llama.cpp context happens in the worker thread.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import time
 from collections.abc import Callable
@@ -54,9 +55,9 @@ class Service:
         """The bundle's LoRA adapter is on: it adapts the whole context, every slot's request."""
         return bool(getattr(self.engine, "lora_on", False))
 
-    def policy_for(self, req: GenRequest) -> Policy:
-        """temperature > 0 samples (top_p, seed; from the adapted SLM when the bundle has an
-        adapter); else the default policy, or the base SLM's greedy by alias."""
+    def policy_for(self, req: GenRequest, choice: int = 0) -> Policy:
+        """temperature > 0 samples (top_p, seed + choice; from the adapted SLM when the bundle has
+        an adapter); else the default policy, or the base SLM's greedy by alias."""
         if req.greedy and self.adapted:
             raise APIError(
                 400,
@@ -66,7 +67,8 @@ class Service:
             )
         if req.temperature > 0:
             name = SAMPLED_ADAPTED if self.adapted else "sample"
-            return sampling(req.temperature, top_p=req.top_p, top_k=SAMPLE_TOP_K, seed=req.seed, name=name)
+            seed = None if req.seed is None else req.seed + choice
+            return sampling(req.temperature, top_p=req.top_p, top_k=SAMPLE_TOP_K, seed=seed, name=name)
         return self.greedy if req.greedy else self.policy
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
@@ -86,8 +88,11 @@ class Service:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         return self.engine.tokenize(text, special=True)
 
-    def job(self, req: GenRequest, emit: Callable[[Event], None]) -> Job:
-        """The request as a job for the worker; 400 when its prompt leaves no room to answer."""
+    def jobs(self, req: GenRequest, emit: Callable[[int, Event], None]) -> list[Job]:
+        """The request's `n` choices as jobs for the worker (`emit` gets the choice's index with
+        each event); 400 when its prompt leaves no room to answer or `n` exceeds the slots."""
+        if req.n > self.worker.parallel:
+            raise APIError(400, f"'n' is at most {self.worker.parallel} here (the server's --parallel)", param="n")
         ids = self.prompt_ids(req)
         if len(ids) >= self.ctx:
             raise APIError(
@@ -99,7 +104,10 @@ class Service:
             )
         room = self.ctx - len(ids)  # the answer stops with finish_reason "length" when it fills the context
         max_tokens = min(req.max_tokens or self.max_tokens, room)
-        return Job(ids, max_tokens, self.policy_for(req), emit, stops=req.stop)
+        return [
+            Job(ids, max_tokens, self.policy_for(req, i), functools.partial(emit, i), stops=req.stop)
+            for i in range(req.n)
+        ]
 
     def models(self) -> dict:
         alias = self.policy.name != "greedy" and not self.adapted

@@ -96,20 +96,22 @@ class Worker:
         running = len(self._jobs)
         return {"running": running, "queued": max(0, pending - running)}
 
-    def submit(self, job: Job) -> None:
-        """Queue `job`, or refuse it at once (503) when the queue is full or the server closing."""
+    def submit(self, *jobs: Job) -> None:
+        """Queue `jobs` (a request's choices) together, or refuse them all at once (503) when the
+        queue has no room for them or the server is closing."""
         with self._lock:
             if self._closing:
                 raise _closing_error()
-            if self._pending >= self.parallel + self.queue_size:
+            if self._pending + len(jobs) > self.parallel + self.queue_size:
                 raise APIError(
                     503,
                     f"server busy: {self.parallel} requests running and {self.queue_size} queued; retry later",
                     type="server_error",
                     code="queue_full",
                 )
-            self._pending += 1
-            self._inbox.put(job)  # under the lock: the engine thread's last drain cannot miss it
+            self._pending += len(jobs)
+            for job in jobs:
+                self._inbox.put(job)  # under the lock: the engine thread's last drain cannot miss it
 
     def shutdown(self, grace: float) -> None:
         """Refuse new jobs; running ones get `grace` seconds to finish, then end with an error.
