@@ -44,6 +44,9 @@ def test_real_slm_server(slm_path: Path, tmp_path: Path) -> None:
         sampled = c.chat.completions.create(**kw)
         assert sampled.model_extra["s2t"]["policy"] == "s2t-local-sample"
         assert c.chat.completions.create(**kw).choices[0].message.content == sampled.choices[0].message.content
+        two = c.chat.completions.create(**kw, n=2)  # a client's vote: both slots, samples of the adapted SLM
+        assert [ch.index for ch in two.choices] == [0, 1] and all(ch.message.content for ch in two.choices)
+        assert [ch.model_extra["s2t"]["policy"] for ch in two.choices] == ["s2t-local-sample"] * 2
         if (exe := find_chromium()) is not None:  # the web chat offers no plain greedy beside the adapter
             with Browser(exe, tmp_path / "profile") as b:
                 b.goto(s.url + "/")
