@@ -152,10 +152,11 @@ def test_sampling_is_per_request_and_seeded(server: Server, reference: Reference
 def test_n_choices_are_seeded_samples_streamed_and_not(server: Server, reference: Reference, ref_models) -> None:
     """`n` choices decode together in the batch: choice i is the sample of seed + i, streamed or
     not; usage counts the prompt once and every choice's tokens."""
-    want = []
+    want, want_tokens = [], []
     for i in range(3):
         _, toks, _ = reference(MSGS, max_tokens=12, policy=sampling(0.9, top_p=0.9, top_k=40, seed=5 + i))
         want.append(ref_models.slm.detokenize([t.id for t in toks]))
+        want_tokens.append(len(toks))
     assert len(set(want)) > 1
     c = client(server)
     kw = {"model": "tiny", "messages": MSGS, "max_tokens": 12, "temperature": 0.9, "top_p": 0.9, "seed": 5, "n": 3}
@@ -163,7 +164,7 @@ def test_n_choices_are_seeded_samples_streamed_and_not(server: Server, reference
     assert [ch.index for ch in r.choices] == [0, 1, 2]
     assert [ch.message.content for ch in r.choices] == want
     assert all(ch.model_extra["s2t"]["policy"] == "sample" for ch in r.choices)
-    assert r.usage.completion_tokens == sum(ch.model_extra["s2t"]["steps"] for ch in r.choices)
+    assert r.usage.completion_tokens == sum(want_tokens)
     parts: dict[int, str] = {0: "", 1: "", 2: ""}
     finished, usage = set(), None
     for ev in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
@@ -179,6 +180,8 @@ def test_n_choices_are_seeded_samples_streamed_and_not(server: Server, reference
         c.chat.completions.create(**(kw | {"n": 4}))
     with pytest.raises(openai.BadRequestError, match="set temperature > 0"):
         c.chat.completions.create(**(kw | {"temperature": 0}))
+    with pytest.raises(openai.BadRequestError, match="'seed' must be an integer >= 0"):
+        c.chat.completions.create(**(kw | {"seed": -1}))
 
 
 def test_stop_string_cuts_the_answer(server: Server, reference: Reference, ref_models) -> None:
@@ -306,8 +309,11 @@ def wait_until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
 def test_worker_batches_together_and_refuses_a_full_queue(plain2: Models, reference: Reference) -> None:
     w = Worker(plain2.slm, greedy(), parallel=2, queue_size=1, ctx=256)
     jobs = [job(plain2, q) for q in ("What is 2 + 2?", "Name a colour.", "Say hello.")]
-    for j in jobs:  # before the thread starts: all three arrive together
-        w.submit(j)
+    with pytest.raises(APIError) as full:  # a request's choices are taken together or not at all
+        w.submit(*jobs, job(plain2, "a fourth choice"))
+    assert full.value.status == 503 and w.load["queued"] == 0
+    w.submit(jobs[0])  # before the thread starts: all three arrive together
+    w.submit(*jobs[1:])
     with pytest.raises(APIError) as full:
         w.submit(job(plain2, "one too many"))
     assert full.value.status == 503 and full.value.code == "queue_full"

@@ -133,8 +133,8 @@ def parse_request(body: dict[str, Any], kind: str, default_model: str) -> GenReq
     if req.top_p == 0.0:
         raise APIError(400, "'top_p' must be greater than 0", param="top_p")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "'seed' must be an integer", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise APIError(400, "'seed' must be an integer >= 0", param="seed")
     req.seed = seed
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []

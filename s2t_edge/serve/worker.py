@@ -105,7 +105,8 @@ class Worker:
             if self._pending + len(jobs) > self.parallel + self.queue_size:
                 raise APIError(
                     503,
-                    f"server busy: {self.parallel} requests running and {self.queue_size} queued; retry later",
+                    f"server busy: {self.parallel} answers running and {self.queue_size} queued "
+                    "(each of a request's n choices is one); retry later",
                     type="server_error",
                     code="queue_full",
                 )
