@@ -166,7 +166,7 @@ def export_bundle(
     ckpt_path: Path | None,
     out: Path,
     *,
-    adapter: AdapterExport | None = None,
+    adapter: AdapterExport | Path | None = None,
     archive: bool = False,
     quantize: str | None = None,
     include_gguf: bool = True,
@@ -175,7 +175,8 @@ def export_bundle(
     """Write the bundle folder `out` (and `out.tar` with `archive`); returns the bundle's path.
 
     The bundle holds the reranker of `ckpt_path` (reranker.pt), the LoRA `adapter`, or both;
-    each is checked against what it was trained as before the manifest is written."""
+    each is checked against what it was trained as before the manifest is written. `adapter` as
+    a bundle's path reuses that bundle's checked adapter (for a reranker trained on its groups)."""
     check_gguf_file(slm)
     if ckpt_path is None and adapter is None:
         raise S2TError("a bundle needs a reranker checkpoint, an adapter, or both")
@@ -191,9 +192,24 @@ def export_bundle(
     sha = sha256_file(gguf)
     fields, packages = ({}, {}) if ckpt_path is None else _reranker_fields(gguf, sha, ckpt_path, out, bool(quantize))
     section = None
+    if isinstance(adapter, Path):  # a bundle's adapter, already checked at its export: reused as it is
+        src = load_bundle(adapter)
+        src.check_slm(gguf, int(n_vocab))
+        if src.adapter_path is None:
+            raise S2TError(f"{adapter}: this bundle has no LoRA adapter to reuse")
+        section, k = dict(src.adapter), src.manifest["k"]
+        shutil.copyfile(src.adapter_path, out / ADAPTER_NAME)
+        adapter = None
+    elif adapter is not None:
+        section, k = None, adapter.k
+    if section is not None or adapter is not None:
+        if "k" in fields and fields["k"] != k:
+            raise S2TError(f"the reranker ranks top-{fields['k']}, the adapter was trained over top-{k}")
+        trained_on = fields.get("training", {}).get("groups", {}).get("adapter_sha256")
+        if ckpt_path is not None and section is not None and trained_on != section["sha256"]:
+            what = "the base SLM" if trained_on is None else f"another adapter ({trained_on[:12]}…)"
+            raise S2TError(f"the reranker was trained on groups of {what}, not of this adapter: collect with --bundle")
     if adapter is not None:
-        if "k" in fields and fields["k"] != adapter.k:
-            raise S2TError(f"the reranker ranks top-{fields['k']}, the adapter was trained over top-{adapter.k}")
         section = _adapter_section(gguf, sha, adapter, out)
         packages.update(_adapter_packages())
     bundled = None
@@ -203,7 +219,7 @@ def export_bundle(
             _place_gguf(gguf, out / bundled)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "k": fields.pop("k", adapter.k if adapter else 8),
+        "k": fields.pop("k", k if section is not None else 8),
         **{k: v for k, v in fields.items() if k != "training"},
         "slm": {
             "name": slm_name or gguf.stem,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s2t_edge.bundle import load_bundle
 from s2t_edge.candidates import Candidates, Step
 from s2t_edge.decode import DecodeStats, decode
 from s2t_edge.engine import Engine
@@ -140,10 +141,19 @@ def collect(
     gpu_layers: int = 0,
     skip_bad: bool = False,
     progress: bool = True,
+    bundle: Path | None = None,
 ) -> dict:
-    """Label `limit` problems of `data` into `out_dir`; resumable. Returns the manifest."""
+    """Label `limit` problems of `data` into `out_dir`; resumable. Returns the manifest. With
+    `bundle`, the SLM runs under that bundle's LoRA adapter: the groups (top-K logits, hidden
+    states, trajectories) are the adapted SLM's, for a reranker on top of the adapter."""
     if mode not in ("greedy", "s2t"):
         raise S2TError(f"unknown --mode {mode!r} (greedy or s2t)")
+    b = None
+    if bundle is not None:
+        b = load_bundle(bundle)
+        if b.adapter_path is None:
+            raise S2TError(f"{bundle}: this bundle has no LoRA adapter to collect under")
+        b.check_slm(slm_path)
     problems, n_bad = load_problems(data, limit=limit, skip_bad=skip_bad)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -157,15 +167,20 @@ def collect(
         "n_ctx": n_ctx,
         "data": str(data),
     }
+    if b is not None:  # older folders (the base SLM's groups) have no key
+        settings["adapter_sha256"] = b.adapter["sha256"]
     old = read_manifest(out_dir)
     if old:
-        diff = [key for key in settings if key != "data" and old.get(key) != settings[key]]
+        keys = [*settings, *(["adapter_sha256"] if "adapter_sha256" not in settings else [])]  # never mix the two
+        diff = [key for key in keys if key != "data" and old.get(key) != settings.get(key)]
         if diff:
             raise S2TError(
                 f"{out_dir} holds groups collected with other settings ({', '.join(diff)}); use another --out"
             )
     with lock_folder(out_dir):  # one run per groups folder
         slm = Engine(slm_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, hidden=True)
+        if b is not None:
+            slm.load_lora(b.adapter_path, b.adapter_scale)
         teacher = _open_teacher(teacher_path, slm, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
         template = ChatTemplate(slm)
         todo = [p for p in problems if not (out_dir / shard_name(p.id)).exists()]

@@ -502,3 +502,53 @@ def test_generate_votes_over_the_adapted_slm(bundle: Path) -> None:
     finally:
         models.close()
     assert adapted["texts"] != base["texts"]
+
+
+def test_reranker_over_a_bundles_adapter(
+    tmp_path: Path, bundle: Path, tiny_gguf: Path, tiny_teacher_gguf: Path
+) -> None:
+    """`collect --bundle` records the adapted SLM's groups; a reranker trained on such groups is
+    bundled with that bundle's checked adapter (`export --adapter BUNDLE`), one trained on the base
+    SLM's groups is refused there; the result decodes s2t-local on both."""
+    import json
+
+    from s2t_edge.train.train import train
+
+    from s2t_edge.collect import collect
+    from s2t_edge.shards import read_shard, shard_paths
+    from tests.conftest import PROBLEMS as MATH
+    from tests.test_train_export import CFG, make_groups
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in MATH[:2]))
+    kw = {"k": 8, "max_tokens": 6, "n_ctx": 512, "threads": 1, "progress": False}
+    m = collect(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "g", bundle=bundle, **kw)
+    sha = load_bundle(bundle).adapter["sha256"]
+    assert m["adapter_sha256"] == sha and m["problems"] == 2
+    _, first = read_shard(shard_paths(tmp_path / "g")[0])
+    base = collect(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "base", **kw)
+    assert "adapter_sha256" not in base
+    _, plain_first = read_shard(shard_paths(tmp_path / "base")[0])
+    assert not np.allclose(first["slm_logits"][0], plain_first["slm_logits"][0])
+    with pytest.raises(S2TError, match="other settings"):  # never mixed with the base SLM's groups
+        collect(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "g", **kw)
+
+    torch.set_num_threads(1)
+    plain = make_groups(tmp_path / "plain", tiny_gguf)
+    train(plain, tmp_path / "r-plain", tiny_gguf, CFG, progress=False)
+    with pytest.raises(S2TError, match="trained on groups of the base SLM, not of this adapter"):
+        export_bundle(tiny_gguf, tmp_path / "r-plain" / "reranker.pt", tmp_path / "b-plain", adapter=bundle)
+    adapted = make_groups(tmp_path / "adapted", tiny_gguf)
+    man = json.loads((adapted / "manifest.json").read_text())
+    (adapted / "manifest.json").write_text(json.dumps({**man, "adapter_sha256": sha}))
+    train(adapted, tmp_path / "r", tiny_gguf, CFG, progress=False)
+    out = export_bundle(tiny_gguf, tmp_path / "r" / "reranker.pt", tmp_path / "both", adapter=bundle)
+    both = load_bundle(out)
+    assert both.has_reranker and both.adapter == load_bundle(bundle).adapter
+    assert both.manifest["training"]["groups"]["adapter_sha256"] == sha
+    models = open_models(bundle=str(out), ctx=256, threads=1, progress=False)
+    try:
+        p = build_policy(models)
+        assert p.name == "s2t-local" and p.selector is not None and models.slm.lora_on
+    finally:
+        models.close()

@@ -197,6 +197,7 @@ def train(
             "teacher_sha256": manifest.get("teacher_sha256"),
             "data": manifest.get("data"),
             "mode": manifest.get("mode"),
+            "adapter_sha256": manifest.get("adapter_sha256"),  # groups of the SLM under this adapter
         },
         "seconds": round(time.time() - t0, 1),
     }

@@ -31,11 +31,17 @@ from s2t_edge.cli import options as cli_options
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), default=400, show_default=True)
 @click.option("--ctx", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option(
+    "--bundle",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run the SLM under this bundle's LoRA adapter (groups for a reranker on the adapted SLM).",
+)
 @cli_options.threads
 @cli_options.gpu_layers
 @cli_options.skip_bad
 @cli_options.pull
-def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, gpu_layers, skip_bad, pull):
+def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, bundle, threads, gpu_layers, skip_bad, pull):
     """Label SLM top-K candidate groups with a teacher's scores."""
     from s2t_edge.collect import collect as run
     from s2t_edge.store import resolve_model
@@ -59,6 +65,7 @@ def collect(slm, teacher, data, out, limit, k, mode, max_tokens, ctx, threads, g
         threads=threads,
         gpu_layers=gpu_layers,
         skip_bad=skip_bad,
+        bundle=bundle,
     )
     click.echo(
         f"{m['problems']} problems, {m['positions']} positions, SLM accuracy "

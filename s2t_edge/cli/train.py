@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from s2t_edge.bundle import MANIFEST
 from s2t_edge.cli import options as cli_options
 from s2t_edge.errors import S2TError
 
@@ -267,7 +268,11 @@ def train(
 @click.command()
 @click.option("--slm", default=None, help="SLM registry name or .gguf path.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="reranker.pt from `s2t-edge train --groups`.")
-@click.option("--adapter", type=click.Path(path_type=Path), help="Output folder of `s2t-edge train --labels`.")
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    help="Output folder of `s2t-edge train --labels`, or a bundle whose checked adapter is reused.",
+)
 @click.option(
     "--weights",
     type=click.Choice(["best", "last"]),
@@ -296,7 +301,9 @@ def export(slm, reranker, adapter, weights, out, archive, quantize, no_gguf, thr
     path = resolve_model(slm)
     name = next((n for n, e in load_registry().items() if e.file == path.name), None)
     lora = None
-    if adapter is not None:
+    if adapter is not None and (adapter / MANIFEST).is_file():  # a bundle: its checked adapter, reused
+        lora = adapter
+    elif adapter is not None:
         from s2t_edge.train.adapter import adapter_export
 
         lora = adapter_export(adapter, path, which=weights, threads=threads)
