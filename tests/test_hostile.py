@@ -445,6 +445,29 @@ def test_generate_values(tiny_gguf: Path, option: str, value: str) -> None:
             assert math.isfinite(float(value)), f"--temperature {value} accepted"
 
 
+@examples(30)
+@given(
+    option=st.sampled_from(["--votes", "--max-tokens", "--temperature", "--seed", "--ctx"]),
+    value=st.sampled_from(NUMBERS),
+)
+def test_generate_votes_values(tiny_gguf: Path, option: str, value: str) -> None:
+    """One hostile value for one option of `generate --votes`: N samples voted, or one line."""
+    TRIED["CLI value (generate --votes)"] += 1
+    args = ["generate", "2+2?", "--model", tiny_gguf, "--bundle", "none", "--threads", "1", "--json", "--seed", "1"]
+    if option != "--max-tokens":
+        args += ["--max-tokens", "3"]
+    if option != "--votes":
+        args += ["--votes", "3"]
+    r = assert_invariant(cli(*args, option, value), f"--votes with {option} {value}")
+    if r.ok:
+        out = json.loads(r.stdout)
+        n = int(value) if option == "--votes" else 3
+        cap = int(float(value)) if option == "--max-tokens" else 3
+        assert len(out["texts"]) == len(out["answers"]) == n and out["stats"]["tokens"] <= n * cap
+        assert out["text"] in out["texts"] and math.isfinite(out["stats"]["temperature"])
+        assert out["stats"]["temperature"] > 0
+
+
 @examples(20)
 @given(trigger=st.sampled_from(["kl", "entropy"]), value=st.sampled_from(NUMBERS))
 def test_threshold_values(tiny_gguf: Path, tiny_teacher_gguf: Path, trigger: str, value: str) -> None:
