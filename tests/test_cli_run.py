@@ -125,6 +125,15 @@ def test_bad_option_values(tiny_gguf: Path, args: list[str], bad: str) -> None:
     assert r.exit_code == 2 and f"Invalid value for '{bad}'" in r.stderr
 
 
+def test_generate_votes_under_a_reranker_bundle(tiny_gguf: Path, always_bundle: Path) -> None:
+    """A bundle without an adapter has no adapted SLM to vote with: refused in one line under
+    s2t-local, while --policy greedy votes over the base SLM."""
+    args = ("generate", PROMPT, "--votes", "2", "--bundle", str(always_bundle), "--max-tokens", "4")
+    assert "has no LoRA adapter (--policy greedy)" in one_error_line(cli(tiny_gguf, *args))
+    r = cli(tiny_gguf, *args, "--policy", "greedy", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["policy"] == "maj@2"
+
+
 def test_generate_votes(tiny_gguf: Path) -> None:
     """--votes N: one JSON object with the N samples, their answers and the winner; refused where
     it cannot run, in one line."""
