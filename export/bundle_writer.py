@@ -20,6 +20,7 @@ from s2t_edge.bundle import (
     MANIFEST,
     ONNX_NAME,
     fingerprint,
+    load_adapter_bundle,
     load_bundle,
 )
 from s2t_edge.errors import S2TError
@@ -193,10 +194,7 @@ def export_bundle(
     fields, packages = ({}, {}) if ckpt_path is None else _reranker_fields(gguf, sha, ckpt_path, out, bool(quantize))
     section = None
     if isinstance(adapter, Path):  # a bundle's adapter, already checked at its export: reused as it is
-        src = load_bundle(adapter)
-        src.check_slm(gguf, int(n_vocab))
-        if src.adapter_path is None:
-            raise S2TError(f"{adapter}: this bundle has no LoRA adapter to reuse")
+        src = load_adapter_bundle(adapter, gguf, "to reuse", int(n_vocab))
         section, k = dict(src.adapter), src.manifest["k"]
         shutil.copyfile(src.adapter_path, out / ADAPTER_NAME)
         adapter = None

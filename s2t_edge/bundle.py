@@ -192,6 +192,15 @@ def _verify_file(path: Path, sha256: str, size: int | None, what: str) -> None:
         raise S2TError(f"{path}: sha256 does not match the manifest (truncated or modified); re-export the bundle")
 
 
+def load_adapter_bundle(path: str | Path, slm_path: str | Path, use: str, n_vocab: int | None = None) -> Bundle:
+    """A bundle whose LoRA adapter is needed (`use` says for what), checked against the SLM's GGUF."""
+    b = load_bundle(path)
+    if b.adapter_path is None:
+        raise S2TError(f"{path}: this bundle has no LoRA adapter {use}")
+    b.check_slm(slm_path, n_vocab)
+    return b
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Open and verify a bundle folder or `.tar` archive."""
     p = Path(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s2t_edge.bundle import load_bundle
+from s2t_edge.bundle import load_adapter_bundle
 from s2t_edge.candidates import Candidates, Step
 from s2t_edge.decode import DecodeStats, decode
 from s2t_edge.engine import Engine
@@ -148,12 +148,7 @@ def collect(
     states, trajectories) are the adapted SLM's, for a reranker on top of the adapter."""
     if mode not in ("greedy", "s2t"):
         raise S2TError(f"unknown --mode {mode!r} (greedy or s2t)")
-    b = None
-    if bundle is not None:
-        b = load_bundle(bundle)
-        if b.adapter_path is None:
-            raise S2TError(f"{bundle}: this bundle has no LoRA adapter to collect under")
-        b.check_slm(slm_path)
+    b = None if bundle is None else load_adapter_bundle(bundle, slm_path, "to collect under")
     problems, n_bad = load_problems(data, limit=limit, skip_bad=skip_bad)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -171,7 +166,7 @@ def collect(
         settings["adapter_sha256"] = b.adapter["sha256"]
     old = read_manifest(out_dir)
     if old:
-        keys = [*settings, *(["adapter_sha256"] if "adapter_sha256" not in settings else [])]  # never mix the two
+        keys = dict.fromkeys([*settings, "adapter_sha256"])  # the base SLM's groups and an adapter's never mix
         diff = [key for key in keys if key != "data" and old.get(key) != settings.get(key)]
         if diff:
             raise S2TError(

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from s2t_edge.batch import decode_batch
-from s2t_edge.bundle import load_bundle
+from s2t_edge.bundle import load_adapter_bundle
 from s2t_edge.candidates import top_k
 from s2t_edge.collect import problem_prompt
 from s2t_edge.engine import Engine
@@ -210,10 +210,7 @@ def label(
     if bundle is not None:
         if trajectories != "slm":
             raise S2TError("--bundle decodes the SLM's own trajectories: use it with --trajectories slm")
-        b = load_bundle(bundle)
-        if b.adapter_path is None:
-            raise S2TError(f"{bundle}: this bundle has no LoRA adapter to decode with")
-        b.check_slm(slm_path)
+        b = load_adapter_bundle(bundle, slm_path, "to decode with")
     problems, _ = load_problems(data, limit=limit)
     if skip >= len(problems):
         raise S2TError(f"--skip {skip} leaves none of the {len(problems)} problems to label")
