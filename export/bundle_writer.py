@@ -150,6 +150,19 @@ def _reranker_fields(gguf: Path, sha: str, ckpt_path: Path, out: Path, quantized
     return fields, {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _check_pairing(fields: dict, k: int, reused_sha: str | None) -> None:
+    """A reranker (its manifest `fields`; none if empty) beside an adapter must rank the adapter's K,
+    and beside a reused adapter it must have been trained on that adapter's groups."""
+    if not fields:
+        return
+    if fields["k"] != k:
+        raise S2TError(f"the reranker ranks top-{fields['k']}, the adapter was trained over top-{k}")
+    trained_on = fields["training"]["groups"].get("adapter_sha256")
+    if reused_sha is not None and trained_on != reused_sha:
+        what = "the base SLM" if trained_on is None else f"another adapter ({trained_on[:12]}…)"
+        raise S2TError(f"the reranker was trained on groups of {what}, not of this adapter: collect with --bundle")
+
+
 def _adapter_packages() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -192,23 +205,15 @@ def export_bundle(
     n_vocab, n_embd = base_tensor_shapes(gguf)[1]["token_embd.weight"]
     sha = sha256_file(gguf)
     fields, packages = ({}, {}) if ckpt_path is None else _reranker_fields(gguf, sha, ckpt_path, out, bool(quantize))
-    section = None
+    section, k = None, 8
     if isinstance(adapter, Path):  # a bundle's adapter, already checked at its export: reused as it is
         src = load_adapter_bundle(adapter, gguf, "to reuse", int(n_vocab))
         section, k = dict(src.adapter), src.manifest["k"]
+        _check_pairing(fields, k, section["sha256"])
         shutil.copyfile(src.adapter_path, out / ADAPTER_NAME)
-        adapter = None
     elif adapter is not None:
-        section, k = None, adapter.k
-    if section is not None or adapter is not None:
-        if "k" in fields and fields["k"] != k:
-            raise S2TError(f"the reranker ranks top-{fields['k']}, the adapter was trained over top-{k}")
-        trained_on = fields.get("training", {}).get("groups", {}).get("adapter_sha256")
-        if ckpt_path is not None and section is not None and trained_on != section["sha256"]:
-            what = "the base SLM" if trained_on is None else f"another adapter ({trained_on[:12]}…)"
-            raise S2TError(f"the reranker was trained on groups of {what}, not of this adapter: collect with --bundle")
-    if adapter is not None:
-        section = _adapter_section(gguf, sha, adapter, out)
+        _check_pairing(fields, adapter.k, None)
+        section, k = _adapter_section(gguf, sha, adapter, out), adapter.k
         packages.update(_adapter_packages())
     bundled = None
     if include_gguf:
@@ -217,8 +222,8 @@ def export_bundle(
             _place_gguf(gguf, out / bundled)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "k": fields.pop("k", k if section is not None else 8),
-        **{k: v for k, v in fields.items() if k != "training"},
+        "k": fields.pop("k", k),
+        **{name: value for name, value in fields.items() if name != "training"},
         "slm": {
             "name": slm_name or gguf.stem,
             "sha256": sha,

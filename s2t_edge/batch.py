@@ -103,10 +103,13 @@ class BatchScheduler:
         max_tokens: int = 512,
         policy: Policy | None = None,
         limit: int | None = None,
+        like: int | None = None,
     ) -> int:
         """Prefill `prompt` into a free slot and return its sequence id; its first token comes
         with the next `step()`. `policy` overrides the scheduler's for this slot (not with a
-        teacher); `limit` caps the positions it may fill (default: the engine's per sequence)."""
+        teacher); `limit` caps the positions it may fill (default: the engine's per sequence).
+        `like` names a slot that may hold the same prompt: if it does and has not stepped yet,
+        its cache is copied instead of prefilled again (a request's n choices prefill once)."""
         if not self._free:
             raise S2TError("no free slot in the batch")
         if policy is not None and policy is not self.policy:
@@ -122,10 +125,14 @@ class BatchScheduler:
         seq = self._free.pop()
         self.active[seq] = slot
         t0 = time.perf_counter()
+        src = self.active.get(like) if like is not None else None
         try:
-            self._take(seq, self.engine.prefill_seq(slot.prompt, seq), self.engine.hidden)
-            if self.teacher is not None:
-                self._teach(seq, self.teacher.prefill_seq(slot.prompt, seq))
+            if src is not None and self._shares(src, slot):
+                self._copy(like, seq)
+            else:
+                self._take(seq, self.engine.prefill_seq(slot.prompt, seq), self.engine.hidden)
+                if self.teacher is not None:
+                    self._teach(seq, self.teacher.prefill_seq(slot.prompt, seq))
         except BaseException:
             self._release(seq)  # a failed prefill leaves the slot free and its cells dropped
             raise
@@ -133,6 +140,24 @@ class BatchScheduler:
         slot.stats.model_s += dt
         slot.stats.prefill_s += dt
         return seq
+
+    def _shares(self, src: _Slot, slot: _Slot) -> bool:
+        """Whether `slot` may start from `src`'s prefill: the same prompt, nothing decoded past
+        it, the same K (so the same first candidates), and no per-prompt logits callback."""
+        return (
+            src.nxt is not None
+            and not src.out
+            and src.prompt == slot.prompt
+            and (src.policy.k == slot.policy.k and self.on_logits is None)
+        )
+
+    def _copy(self, src: int, dst: int) -> None:
+        self.engine.copy_seq(src, dst)
+        cands, hidden = self.active[src].nxt
+        self.active[dst].nxt = (cands, None if hidden is None else hidden.copy())
+        if self.teacher is not None:
+            self.teacher.copy_seq(src, dst)
+            self.active[dst].pick = self.active[src].pick
 
     def _take(self, seq: int, logits: np.ndarray, hidden: np.ndarray | None) -> None:
         """Keep what the slot's next step needs out of this decode's (reused) buffers."""

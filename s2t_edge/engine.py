@@ -368,7 +368,11 @@ class Engine:
         if src + n > self.n_seq:
             raise S2TError(f"engine was built for {self.n_seq} sequences, asked for {src + n}")
         for s in range(src + 1, src + n):
-            llama_cpp.llama_memory_seq_cp(self._mem, src, s, -1, -1)
+            self.copy_seq(src, s)
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Give the empty sequence `dst` sequence `src`'s cache (its prefill, not recomputed)."""
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
 
     def step_many(self, tokens: Sequence[int], seqs: Sequence[int], pos: int | Sequence[int]) -> list[np.ndarray]:
         """One token for each of several sequences, in one batch; `pos` is shared or per sequence.

@@ -81,3 +81,35 @@ def test_each_slot_runs_its_own_policy(tiny_gguf: Path, always_bundle: Path) -> 
         models.close()
     assert out == {"local": ref_local, "greedy": ref_greedy}
     assert flips == {"local": st_local.flips, "greedy": 0} and st_local.flips > 0
+
+
+def test_a_copied_prefill_decodes_as_its_own_would(tiny_gguf: Path, always_bundle: Path) -> None:
+    one = open_tiny(tiny_gguf, always_bundle)
+    try:
+        ps = prompts(one.slm)
+        ref, st = run(one.slm, ps[0], **build_policy(one, "s2t-local").decode_args())
+    finally:
+        one.close()
+    models = open_tiny(tiny_gguf, always_bundle, n_seq=3)
+    try:
+        e = models.slm
+        prefilled: list[int] = []
+        real = e.prefill_seq
+        e.prefill_seq = lambda tokens, seq: (prefilled.append(seq), real(tokens, seq))[1]  # type: ignore[method-assign]
+        sched = BatchScheduler(e, build_policy(models, "s2t-local"))
+        a = sched.add(ps[0], key="a", max_tokens=10)
+        b = sched.add(ps[0], key="b", max_tokens=10, like=a)  # copied: hidden state and candidates too
+        assert prefilled == [a]
+        sched.step()
+        c = sched.add(ps[0], key="c", max_tokens=10, like=a)  # `a` has stepped: prefilled again
+        assert prefilled == [a, c] and b != c
+        out: dict[str, list[int]] = {}
+        flips: dict[str, int] = {}
+        while sched.active:
+            for ev in sched.step():
+                if ev.done:
+                    out[ev.key], flips[ev.key] = list(ev.out), ev.stats.flips
+    finally:
+        models.close()
+    assert out == {"a": ref, "b": ref, "c": ref}
+    assert flips == {"a": st.flips, "b": st.flips, "c": st.flips} and st.flips > 0

@@ -174,6 +174,7 @@ class Worker:
             pass
 
     def _admit(self) -> None:
+        last: tuple[list[int], int] | None = None  # the prompt admitted last and its slot
         while self._waiting and self.sched.free_slots and not self._closing:
             job = self._waiting.popleft()
             if job.cancelled:
@@ -181,12 +182,16 @@ class Worker:
                 continue
             job.started = time.perf_counter()
             try:
-                seq = self.sched.add(job.prompt, max_tokens=job.max_tokens, policy=job.policy, limit=self.ctx)
+                like = last[1] if last is not None and last[0] is job.prompt else None  # the same request's
+                seq = self.sched.add(
+                    job.prompt, max_tokens=job.max_tokens, policy=job.policy, limit=self.ctx, like=like
+                )
             except Exception as e:
                 log.exception("prefill failed")
                 self._finish(job, Failed(APIError(500, f"prefill failed: {e}", type="server_error")))
                 continue
             self._jobs[seq] = job
+            last = (job.prompt, seq)
 
     def _reap(self) -> None:
         """Free the slots of jobs whose clients went away; drop such jobs still waiting."""
