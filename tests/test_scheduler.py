@@ -13,11 +13,14 @@ from tests.test_batch import prompts, sequential
 from tests.test_runtime_policy import open_tiny, run
 
 
-def drain(sched: BatchScheduler, out: dict[int, list[int]]) -> None:
+def drain(sched: BatchScheduler, out: dict, flips: dict | None = None) -> None:
+    """Step until every slot is done: each slot's tokens into `out` (and its flips into `flips`)."""
     while sched.active:
         for ev in sched.step():
             if ev.done:
                 out[ev.key] = list(ev.out)
+                if flips is not None:
+                    flips[ev.key] = ev.stats.flips
 
 
 def test_a_prompt_added_between_steps_joins_at_the_next_one(tiny_gguf: Path) -> None:
@@ -73,10 +76,7 @@ def test_each_slot_runs_its_own_policy(tiny_gguf: Path, always_bundle: Path) -> 
         sched.add(ps[1], key="greedy", max_tokens=10, policy=greedy())
         out: dict[str, list[int]] = {}
         flips: dict[str, int] = {}
-        while sched.active:
-            for ev in sched.step():
-                if ev.done:
-                    out[ev.key], flips[ev.key] = list(ev.out), ev.stats.flips
+        drain(sched, out, flips)
     finally:
         models.close()
     assert out == {"local": ref_local, "greedy": ref_greedy}
@@ -105,10 +105,7 @@ def test_a_copied_prefill_decodes_as_its_own_would(tiny_gguf: Path, always_bundl
         assert prefilled == [a, c] and b != c
         out: dict[str, list[int]] = {}
         flips: dict[str, int] = {}
-        while sched.active:
-            for ev in sched.step():
-                if ev.done:
-                    out[ev.key], flips[ev.key] = list(ev.out), ev.stats.flips
+        drain(sched, out, flips)
     finally:
         models.close()
     assert out == {"a": ref, "b": ref, "c": ref}
