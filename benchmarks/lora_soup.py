@@ -4,8 +4,10 @@ Adapters of one shape trained on different data (adapter 9 on 408 trajectories, 
 987) make different mistakes on held-out problems; averaging their weight updates is the cheap
 ensemble that costs nothing at decode time. The mean of the updates s_i · B_i A_i is itself a
 LoRA of rank Σ r_i: A stacks the A_i, B stacks the B_i scaled by w_i · s_i (s_i = alpha_i / r_i),
-and alpha = rank so llama.cpp applies it at scale 1. It is loaded into torch + peft and written by
-`export_bundle`, so the bundle's adapter passes the same llama.cpp-vs-peft check as a trained one.
+and alpha = rank so llama.cpp applies it at scale 1 (`--rank R` cuts each update to its best
+rank-R approximation by SVD, for a file the size of one member's). It is loaded into torch +
+peft and written by `export_bundle`, so the bundle's adapter passes the same llama.cpp-vs-peft
+check as a trained one.
 
     python benchmarks/lora_soup.py data/bundles/adapter-9 data/bundles/adapter-16 --out runs/bundle-soup --threads 2
 """
@@ -59,12 +61,22 @@ def soup(members: list[Path], weights: list[float]) -> tuple[int, dict[str, tupl
     return sum(r for _, r, _ in loaded), pairs
 
 
+def compress(pairs: dict[str, tuple[np.ndarray, np.ndarray]], rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each update B A cut to its best rank-`rank` approximation (truncated SVD), at scale 1."""
+    out = {}
+    for name, (a, b) in pairs.items():
+        u, s, vt = np.linalg.svd(b.astype(np.float64) @ a.astype(np.float64), full_matrices=False)
+        out[name] = (vt[:rank].astype(np.float32), (u[:, :rank] * s[:rank]).astype(np.float32))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundles", nargs="+", type=Path)
     ap.add_argument("--weights", type=float, nargs="*", help="default: equal, summing to 1")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=None, help="cut the soup to this rank by SVD (default: Σ r_i)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.weights or [1 / len(args.bundles)] * len(args.bundles)
@@ -72,6 +84,8 @@ def main() -> None:
     bundles = [load_adapter_bundle(b, gguf_path, "to average") for b in args.bundles]
     targets = sorted({m for b in bundles for m in b.adapter["target_modules"]})
     rank, pairs = soup([b.adapter_path for b in bundles], weights)
+    if args.rank is not None and args.rank < rank:
+        rank, pairs = args.rank, compress(pairs, args.rank)
 
     model = add_lora(load_slm(gguf_path), AdapterConfig(rank=rank, alpha=rank, targets=tuple(targets)))
     state = {}
