@@ -30,8 +30,8 @@ from s2t_edge.store import cached_sha256, resolve_model
 LABELS = Path(__file__).resolve().parent.parent / "data/labels/gsm8k-train"
 
 
-def read_adapter(path: Path) -> tuple[float, int, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """(alpha, rank, {gguf weight name: (A [r, in], B [out, r])}) of a GGUF LoRA file."""
+def read_adapter(path: Path) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(alpha, {gguf weight name: (A [r, in], B [out, r])}) of a GGUF LoRA file."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -42,23 +42,29 @@ def read_adapter(path: Path) -> tuple[float, int, dict[str, tuple[np.ndarray, np
         name, half = t.name.rsplit(".lora_", 1)
         shape = tuple(int(n) for n in reversed(t.shape))
         halves.setdefault(name, {})[half] = np.asarray(t.data, np.float32).reshape(shape)
-    pairs = {name: (ab["a"], ab["b"]) for name, ab in halves.items()}
-    return alpha, next(iter(pairs.values()))[0].shape[0], pairs
+    return alpha, {name: (ab["a"], ab["b"]) for name, ab in halves.items()}
 
 
-def soup(members: list[Path], weights: list[float]) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The rank and (A, B) pairs of Σ w_i · s_i · B_i A_i, at scale 1."""
+def soup(
+    members: list[Path], weights: list[float], scales: list[float]
+) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The rank and (A, B) pairs of Σ w_i · s_i · B_i A_i at scale 1, where s_i = scale_i · alpha_i / r
+    (llama.cpp's factor for each tensor, r its own rank); every tensor's rank must be the same."""
     loaded = [read_adapter(m) for m in members]
-    names = set(loaded[0][2])
-    if any(set(p) != names for _, _, p in loaded):
+    names = set(loaded[0][1])
+    if any(set(p) != names for _, p in loaded):
         raise SystemExit("the adapters adapt different weights; a soup needs one shape")
+    ranks = {p[name][0].shape[0] for _, p in loaded for name in names}
+    if len(ranks) != 1:
+        raise SystemExit(f"the adapters' tensors have ranks {sorted(ranks)}; a soup needs one rank")
+    (r,) = ranks
     pairs = {}
     for name in sorted(names):
         pairs[name] = (
-            np.concatenate([p[name][0] for _, _, p in loaded], axis=0),
-            np.concatenate([w * a / r * p[name][1] for w, (a, r, p) in zip(weights, loaded)], axis=1),
+            np.concatenate([p[name][0] for _, p in loaded], axis=0),
+            np.concatenate([w * c * a / r * p[name][1] for w, c, (a, p) in zip(weights, scales, loaded)], axis=1),
         )
-    return sum(r for _, r, _ in loaded), pairs
+    return r * len(loaded), pairs
 
 
 def compress(pairs: dict[str, tuple[np.ndarray, np.ndarray]], rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -80,21 +86,32 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.weights or [1 / len(args.bundles)] * len(args.bundles)
+    if len(weights) != len(args.bundles):
+        raise SystemExit(f"{len(weights)} weights for {len(args.bundles)} bundles")
     gguf_path = resolve_model(None)
     bundles = [load_adapter_bundle(b, gguf_path, "to average") for b in args.bundles]
+    if len({b.manifest["k"] for b in bundles}) != 1:
+        raise SystemExit("the bundles show different top-K; a soup needs one K")
     targets = sorted({m for b in bundles for m in b.adapter["target_modules"]})
-    rank, pairs = soup([b.adapter_path for b in bundles], weights)
-    if args.rank is not None and args.rank < rank:
+    rank, pairs = soup([b.adapter_path for b in bundles], weights, [b.adapter_scale for b in bundles])
+    if args.rank is not None:
+        if not 1 <= args.rank < rank:
+            raise SystemExit(f"--rank must be between 1 and {rank - 1} (the soup's own rank is {rank})")
         rank, pairs = args.rank, compress(pairs, args.rank)
 
-    model = add_lora(load_slm(gguf_path), AdapterConfig(rank=rank, alpha=rank, targets=tuple(targets)))
+    layers = len({name.split(".")[1] for name in pairs})  # the top N layers (a member trained with --layers N)
+    cfg = AdapterConfig(rank=rank, alpha=rank, targets=tuple(targets), layers=layers)
+    model = add_lora(load_slm(gguf_path), cfg)
     state = {}
     for key, param in model.named_parameters():
         m = _KEY.search(key)
         if m is None:
             continue
         layer, module, half = m.groups()
-        a, b = pairs[f"blk.{int(layer)}.{HF_TO_GGUF[module]}.weight"]
+        name = f"blk.{int(layer)}.{HF_TO_GGUF[module]}.weight"
+        if name not in pairs:
+            raise SystemExit(f"peft adapts {name}, the adapters do not (not the top {layers} layers?)")
+        a, b = pairs[name]
         value = torch.from_numpy(a if half == "A" else b)
         assert value.shape == param.shape, (key, value.shape, param.shape)
         state[key] = value

@@ -29,21 +29,19 @@ DEV = Path(__file__).resolve().parent.parent.parent / "shared/datasets/gsm8k/dev
 def first_tokens(e: Engine, prompt: list[int], n: int, share: bool) -> float:
     """Seconds until all `n` choices have their first token."""
     sched = BatchScheduler(e, sampling(0.7, top_p=0.8, top_k=20, seed=0))
-    t0 = time.perf_counter()
-    first = None
-    for i in range(n):
-        seq = sched.add(
-            prompt,
-            key=i,
-            max_tokens=4,
-            policy=sampling(0.7, top_p=0.8, top_k=20, seed=i),
-            like=first if share else None,
-        )
-        first = seq if first is None else first
-    events = sched.step()
-    dt = time.perf_counter() - t0
-    assert len(events) == n
-    sched.close()
+    try:
+        t0 = time.perf_counter()
+        first = None
+        for i in range(n):
+            policy = sampling(0.7, top_p=0.8, top_k=20, seed=i)
+            seq = sched.add(prompt, key=i, max_tokens=4, policy=policy, like=first if share else None)
+            first = seq if first is None else first
+        events = sched.step()
+        dt = time.perf_counter() - t0
+    finally:
+        sched.close()
+    if len(events) != n:
+        raise SystemExit(f"{len(events)} first tokens for {n} choices")
     return dt
 
 

@@ -39,6 +39,12 @@ class _Slot:
     pick: int | None = None  # the teacher's choice at the next step
 
 
+def _same_start(src: _Slot, slot: _Slot) -> bool:
+    """Whether `slot` starts where `src` stands: the same prompt, nothing decoded past it, the
+    same K (so the same first candidates)."""
+    return src.nxt is not None and not src.out and src.prompt == slot.prompt and src.policy.k == slot.policy.k
+
+
 @dataclass(frozen=True)
 class SlotToken:
     """What one slot did in one `step()`: its token (None when an end-of-generation token ended
@@ -108,8 +114,9 @@ class BatchScheduler:
         """Prefill `prompt` into a free slot and return its sequence id; its first token comes
         with the next `step()`. `policy` overrides the scheduler's for this slot (not with a
         teacher); `limit` caps the positions it may fill (default: the engine's per sequence).
-        `like` names a slot that may hold the same prompt: if it does and has not stepped yet,
-        its cache is copied instead of prefilled again (a request's n choices prefill once)."""
+        `like` names a slot that may hold the same prompt: if it does, has not stepped yet and
+        shows the same K (and no `on_logits` callback is set), its cache is copied instead of
+        prefilled again (a request's n choices prefill once); otherwise it is ignored."""
         if not self._free:
             raise S2TError("no free slot in the batch")
         if policy is not None and policy is not self.policy:
@@ -122,13 +129,13 @@ class BatchScheduler:
         slot = _Slot(key, list(prompt), policy or self.policy, max_tokens, seq_limit)
         slot.stats.prompt_tokens = len(slot.prompt)
         slot.stats.finish_reason = "length"
+        src = self.active.get(like) if like is not None and self.on_logits is None else None
         seq = self._free.pop()
         self.active[seq] = slot
         t0 = time.perf_counter()
-        src = self.active.get(like) if like is not None else None
         try:
-            if src is not None and self._shares(src, slot):
-                self._copy(like, seq)
+            if src is not None and _same_start(src, slot):
+                self._copy(like, src, seq, slot)
             else:
                 self._take(seq, self.engine.prefill_seq(slot.prompt, seq), self.engine.hidden)
                 if self.teacher is not None:
@@ -141,23 +148,15 @@ class BatchScheduler:
         slot.stats.prefill_s += dt
         return seq
 
-    def _shares(self, src: _Slot, slot: _Slot) -> bool:
-        """Whether `slot` may start from `src`'s prefill: the same prompt, nothing decoded past
-        it, the same K (so the same first candidates), and no per-prompt logits callback."""
-        return (
-            src.nxt is not None
-            and not src.out
-            and src.prompt == slot.prompt
-            and (src.policy.k == slot.policy.k and self.on_logits is None)
-        )
-
-    def _copy(self, src: int, dst: int) -> None:
-        self.engine.copy_seq(src, dst)
-        cands, hidden = self.active[src].nxt
-        self.active[dst].nxt = (cands, None if hidden is None else hidden.copy())
+    def _copy(self, src_seq: int, src: _Slot, seq: int, slot: _Slot) -> None:
+        """Start `slot` from `src`'s prefill: its cache (and the teacher's), first candidates
+        (never mutated, so shared), hidden state (a copy) and the teacher's first pick."""
+        self.engine.copy_seq(src_seq, seq)
+        cands, hidden = src.nxt
+        slot.nxt = (cands, None if hidden is None else hidden.copy())
         if self.teacher is not None:
-            self.teacher.copy_seq(src, dst)
-            self.active[dst].pick = self.active[src].pick
+            self.teacher.copy_seq(src_seq, seq)
+            slot.pick = src.pick
 
     def _take(self, seq: int, logits: np.ndarray, hidden: np.ndarray | None) -> None:
         """Keep what the slot's next step needs out of this decode's (reused) buffers."""

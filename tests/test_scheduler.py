@@ -3,17 +3,21 @@ cancelling, and a policy per slot, each slot equal to the decode loop on its own
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
+from unittest import mock
+
+import pytest
 
 from s2t_edge.batch import BatchScheduler
 from s2t_edge.engine import Engine
 from s2t_edge.policy import greedy
-from s2t_edge.runtime import build_policy
+from s2t_edge.runtime import build_policy, open_models
 from tests.test_batch import prompts, sequential
-from tests.test_runtime_policy import open_tiny, run
+from tests.test_runtime_policy import MAX_TOKENS, open_tiny, run
 
 
-def drain(sched: BatchScheduler, out: dict, flips: dict | None = None) -> None:
+def drain(sched: BatchScheduler, out: dict[Hashable, list[int]], flips: dict[Hashable, int] | None = None) -> None:
     """Step until every slot is done: each slot's tokens into `out` (and its flips into `flips`)."""
     while sched.active:
         for ev in sched.step():
@@ -83,30 +87,54 @@ def test_each_slot_runs_its_own_policy(tiny_gguf: Path, always_bundle: Path) -> 
     assert flips == {"local": st_local.flips, "greedy": 0} and st_local.flips > 0
 
 
-def test_a_copied_prefill_decodes_as_its_own_would(tiny_gguf: Path, always_bundle: Path) -> None:
+@pytest.mark.parametrize("unified", [True, False])  # cells shared, or the whole sequence's cache copied
+def test_a_copied_prefill_decodes_as_its_own_would(tiny_gguf: Path, always_bundle: Path, unified: bool) -> None:
     one = open_tiny(tiny_gguf, always_bundle)
     try:
         ps = prompts(one.slm)
         ref, st = run(one.slm, ps[0], **build_policy(one, "s2t-local").decode_args())
     finally:
         one.close()
-    models = open_tiny(tiny_gguf, always_bundle, n_seq=3)
+    models = open_tiny(tiny_gguf, always_bundle, n_seq=3, unified=unified)
     try:
         e = models.slm
-        prefilled: list[int] = []
-        real = e.prefill_seq
-        e.prefill_seq = lambda tokens, seq: (prefilled.append(seq), real(tokens, seq))[1]  # type: ignore[method-assign]
-        sched = BatchScheduler(e, build_policy(models, "s2t-local"))
-        a = sched.add(ps[0], key="a", max_tokens=10)
-        b = sched.add(ps[0], key="b", max_tokens=10, like=a)  # copied: hidden state and candidates too
-        assert prefilled == [a]
-        sched.step()
-        c = sched.add(ps[0], key="c", max_tokens=10, like=a)  # `a` has stepped: prefilled again
-        assert prefilled == [a, c] and b != c
-        out: dict[str, list[int]] = {}
-        flips: dict[str, int] = {}
-        drain(sched, out, flips)
+        with mock.patch.object(e, "prefill_seq", wraps=e.prefill_seq) as prefill:
+            sched = BatchScheduler(e, build_policy(models, "s2t-local"))
+            a = sched.add(ps[0], key="a", max_tokens=MAX_TOKENS)
+            sched.add(ps[0], key="b", max_tokens=MAX_TOKENS, like=a)  # copied: hidden state and candidates too
+            assert [call.args[1] for call in prefill.call_args_list] == [a]
+            sched.step()
+            c = sched.add(ps[0], key="c", max_tokens=MAX_TOKENS, like=a)  # `a` has stepped: prefilled again
+            assert [call.args[1] for call in prefill.call_args_list] == [a, c]
+            out: dict[Hashable, list[int]] = {}
+            flips: dict[Hashable, int] = {}
+            drain(sched, out, flips)
     finally:
         models.close()
     assert out == {"a": ref, "b": ref, "c": ref}
     assert flips == {"a": st.flips, "b": st.flips, "c": st.flips} and st.flips > 0
+
+
+def test_a_copied_prefill_copies_the_teachers_cache_too(tiny_gguf: Path, tiny_teacher_gguf: Path) -> None:
+    kw = {"bundle": "none", "teacher": str(tiny_teacher_gguf), "ctx": 256, "threads": 1}
+    one = open_models(str(tiny_gguf), **kw)
+    try:
+        ps = prompts(one.slm)
+        refs = [run(one.slm, p, **build_policy(one, "s2t").decode_args()) for p in ps]
+    finally:
+        one.close()
+    i = max(range(len(ps)), key=lambda j: refs[j][1].flips)  # a prompt where the teacher changes tokens
+    assert refs[i][1].flips > 0
+    two = open_models(str(tiny_gguf), n_seq=2, teacher_seq=2, **kw)
+    try:
+        sched = BatchScheduler(two.slm, build_policy(two, "s2t"))
+        with mock.patch.object(two.teacher, "prefill_seq", wraps=two.teacher.prefill_seq) as prefill:
+            a = sched.add(ps[i], key="a", max_tokens=MAX_TOKENS)
+            sched.add(ps[i], key="b", max_tokens=MAX_TOKENS, like=a)
+            assert prefill.call_count == 1
+        out: dict[Hashable, list[int]] = {}
+        flips: dict[Hashable, int] = {}
+        drain(sched, out, flips)
+    finally:
+        two.close()
+    assert out == {"a": refs[i][0], "b": refs[i][0]} and flips == {"a": refs[i][1].flips, "b": refs[i][1].flips}
