@@ -3,9 +3,9 @@
 With `unified=False` (a cache per sequence: `label`, `eval --batch`) llama.cpp cuts a batch into
 one ubatch per run of consecutive sequence ids *in the batch's order*, and every ubatch reads all
 the weights again. A continuous batch refills a finished slot and, before session 38, fed that
-slot's token last: after the first refills a step was no longer one ubatch. `BatchScheduler` and
-`sample_batch` now feed ascending ids. This times one step of 16 sequences in three orders,
-alternating, on the labelling teacher (or `--model`).
+slot's token last: after the first refills a step was no longer one ubatch. `Engine.step_many` now
+decodes in ascending ids whatever order it is given, so this times the raw decode (`Engine._decode`)
+of one step of 16 sequences in three orders, alternating, on the labelling teacher (or `--model`).
 
     python benchmarks/batch_order.py [--model qwen2.5-coder-1.5b-instruct-q4_k_m] [--threads 2 --rounds 3]
 """
@@ -44,7 +44,7 @@ def main() -> None:
             for name, seqs in orders.items():
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    e.step_many([prompt[-1]] * n, seqs, pos)
+                    e._decode([prompt[-1]] * n, [pos] * n, [True] * n, seqs)
                     pos += 1
                 times[name].append((time.perf_counter() - t0) / args.steps)
         base = statistics.median(times["ascending"])

@@ -171,9 +171,7 @@ class BatchScheduler:
 
     def _decode_feed(self) -> None:
         """One llama_decode for the tokens chosen at the last step (and one for the teacher)."""
-        # ascending ids: with a cache per sequence llama.cpp cuts the batch into one ubatch per run
-        # of consecutive ids, and refilled slots come last in arrival order (1.4x slower steps)
-        seqs = sorted(self._feed)
+        seqs = list(self._feed)
         tokens = [self._feed[s] for s in seqs]
         self._feed.clear()
         positions = [len(self.active[s].prompt) + len(self.active[s].out) - 1 for s in seqs]

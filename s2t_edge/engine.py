@@ -377,19 +377,24 @@ class Engine:
     def step_many(self, tokens: Sequence[int], seqs: Sequence[int], pos: int | Sequence[int]) -> list[np.ndarray]:
         """One token for each of several sequences, in one batch; `pos` is shared or per sequence.
 
-        Returns one logits view per token; with `hidden=True`, `self.hidden_rows` holds the final
-        hidden state of each (views valid until the next decode)."""
+        Returns one logits view per token, in the caller's order; with `hidden=True`,
+        `self.hidden_rows` holds the final hidden state of each (views valid until the next decode)."""
         positions = [pos] * len(tokens) if isinstance(pos, int) else list(pos)
         if max(positions) >= self.n_ctx_seq:
             raise ContextOverflow(
                 f"context overflow: position {max(positions)} >= {self.n_ctx_seq} per sequence{self._rounded()}; "
                 "raise --ctx"
             )
+        # decoded in ascending ids: with a cache per sequence llama.cpp cuts a batch into one ubatch
+        # per run of consecutive ids in the batch's order (up to 1.8x slower steps otherwise)
+        order = sorted(range(len(tokens)), key=lambda i: seqs[i])
+        row = {i: j for j, i in enumerate(order)}  # caller's index -> batch row
         self._set_embeddings(self.hidden_enabled)
-        self._decode(tokens, positions, [True] * len(tokens), seqs)
+        pick = lambda xs: [xs[i] for i in order]  # noqa: E731
+        self._decode(pick(tokens), pick(positions), [True] * len(tokens), pick(seqs))
         if self.hidden_enabled:
-            self.hidden_rows = [self._hidden(i) for i in range(len(tokens))]
-        return [self.logits(i) for i in range(len(tokens))]
+            self.hidden_rows = [self._hidden(row[i]) for i in range(len(tokens))]
+        return [self.logits(row[i]) for i in range(len(tokens))]
 
     def prefill_seq(self, tokens: Sequence[int], seq: int) -> np.ndarray:
         """Decode `tokens` into the empty sequence `seq` from position 0; returns the last logits

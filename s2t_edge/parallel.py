@@ -93,7 +93,6 @@ def sample_batch(
                 yield grp.index, grp.outs, grp.seconds
             if not feed:
                 continue
-            feed.sort(key=lambda f: f[1])  # ascending sequence ids: one ubatch (see BatchScheduler._decode_feed)
             t0 = time.perf_counter()
             rows = engine.step_many([t for _, _, t in feed], [s for _, s, _ in feed], [g.pos for g, _, _ in feed])
             for grp in live.values():  # every group still live fed its unfinished samples

@@ -102,6 +102,31 @@ def test_hidden_state(tiny_gguf: Path, engine: Engine) -> None:
     assert not np.allclose(states[0], states[1])
 
 
+@pytest.mark.parametrize("unified", [True, False])
+def test_step_many_rows_follow_the_callers_order(
+    tiny_gguf: Path, unified: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoded in ascending ids (one ubatch), returned as asked: shuffled == ascending, row by row."""
+    n, prompts = 4, [[3, 9, 4], [3, 8], [5, 6, 7, 2], [11]]
+    rows, decoded = {}, []
+    for order in ([0, 1, 2, 3], [2, 0, 3, 1]):
+        with Engine(tiny_gguf, n_ctx=128 * n, n_threads=1, n_seq=n, unified=unified, hidden=True) as e:
+            for s, p in enumerate(prompts):
+                e.prefill_seq(p, s)
+            raw = e._decode
+            monkeypatch.setattr(
+                e, "_decode", lambda t, p, o, seq, raw=raw: (decoded.append(list(seq)), raw(t, p, o, seq))
+            )
+            out = e.step_many([20 + s for s in order], order, [len(prompts[s]) for s in order])
+            rows[tuple(order)] = {s: (out[j].copy(), e.hidden_rows[j].copy()) for j, s in enumerate(order)}
+    assert decoded == [[0, 1, 2, 3]] * 2
+    a, b = rows.values()
+    for s in range(n):
+        np.testing.assert_allclose(a[s][0], b[s][0], atol=ATOL)
+        np.testing.assert_allclose(a[s][1], b[s][1], atol=ATOL)
+    assert not np.allclose(a[0][0], a[2][0])  # the rows are distinct, so a mix-up would show
+
+
 def test_score_rows_equal_steps(engine: Engine) -> None:
     ids = engine.tokenize(TEXT + " Let us think step by step.")
     first = 4
