@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from s2t_edge.export.bundle_writer import AdapterExport, export_bundle
 from s2t_edge.export.lora_gguf import _KEY, HF_TO_GGUF
 from s2t_edge.train.adapter import AdapterConfig, add_lora, load_slm
@@ -103,24 +104,20 @@ def main() -> None:
     cfg = AdapterConfig(rank=rank, alpha=rank, targets=tuple(targets), layers=layers)
     model = add_lora(load_slm(gguf_path), cfg)
     state = {}
-    for key, param in model.named_parameters():
-        m = _KEY.search(key)
-        if m is None:
-            continue
-        layer, module, half = m.groups()
+    for key, param in get_peft_model_state_dict(model).items():  # peft's own LoRA keys and shapes
+        layer, module, half = _KEY.search(key).groups()
         name = f"blk.{int(layer)}.{HF_TO_GGUF[module]}.weight"
         if name not in pairs:
             raise SystemExit(f"peft adapts {name}, the adapters do not (not the top {layers} layers?)")
-        a, b = pairs[name]
-        value = torch.from_numpy(a if half == "A" else b)
-        assert value.shape == param.shape, (key, value.shape, param.shape)
+        value = torch.from_numpy(pairs[name][0 if half == "A" else 1])
+        if value.shape != param.shape:
+            raise SystemExit(f"{key}: the soup's {tuple(value.shape)} != peft's {tuple(param.shape)}")
         state[key] = value
     if len(state) != 2 * len(pairs):
         raise SystemExit(f"matched {len(state)} LoRA tensors of peft's, the soup has {2 * len(pairs)}")
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if key in state:
-                param.copy_(state[key])
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise SystemExit(f"peft did not take {len(result.unexpected_keys)} of the soup's tensors")
     model.eval()
 
     prompts = []  # the export check's token sequences: labelled train problems (their teacher answers)
