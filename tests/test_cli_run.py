@@ -91,6 +91,8 @@ def test_generate_sampling_seed(tiny_gguf: Path) -> None:
     a = generate_json(tiny_gguf, "--temperature", "1.0", "--seed", "3", "--k", "16")
     b = generate_json(tiny_gguf, "--temperature", "1.0", "--seed", "3", "--k", "16")
     assert a["tokens"] == b["tokens"] and a["stats"]["triggers"] == 8
+    others = [generate_json(tiny_gguf, "--temperature", "1.0", "--seed", str(s), "--k", "16") for s in (4, 5)]
+    assert any(o["tokens"] != a["tokens"] for o in others)  # the seed is used, not ignored
 
 
 def one_error_line(r: Result, code: int = 1) -> str:
@@ -213,12 +215,8 @@ def test_chat_through_stdin(tiny_gguf: Path) -> None:
     assert r.stderr.count("[6 tokens,") == 1  # one answer, one stats line
 
 
-def test_chat_eof_and_system(tiny_gguf: Path) -> None:
-    r = cli(tiny_gguf, "chat", "--system", "Be brief.", "--max-tokens", "4", input="a\nb\n")
-    assert r.exit_code == 0 and r.stdout.count("\n") == 2  # two answers, then EOF
-
-
-def test_chat_ctrl_c_keeps_session(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[s2t_edge.chat.ChatSession]:
+    """The chat sessions the CLI creates from now on, appended as they are made."""
     sessions: list[s2t_edge.chat.ChatSession] = []
 
     class Recorded(s2t_edge.chat.ChatSession):
@@ -226,8 +224,21 @@ def test_chat_ctrl_c_keeps_session(tiny_gguf: Path, monkeypatch: pytest.MonkeyPa
             super().__post_init__()
             sessions.append(self)
 
-    monkeypatch.setattr(s2t_edge.chat, "decode", interrupt_after(2, once=True))
     monkeypatch.setattr(s2t_edge.cli.run, "ChatSession", Recorded)
+    return sessions
+
+
+def test_chat_eof_and_system(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions = record_sessions(monkeypatch)
+    r = cli(tiny_gguf, "chat", "--system", "Be brief.", "--max-tokens", "4", input="a\nb\n")
+    assert r.exit_code == 0 and r.stdout.count("\n") == 2  # two answers, then EOF
+    assert sessions[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in sessions[0].messages[1:]] == ["user", "assistant"] * 2
+
+
+def test_chat_ctrl_c_keeps_session(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions = record_sessions(monkeypatch)
+    monkeypatch.setattr(s2t_edge.chat, "decode", interrupt_after(2, once=True))
     r = cli(tiny_gguf, "chat", "--max-tokens", "5", "--show-stats", input="one\ntwo\n/stats\n")
     assert r.exit_code == 0, r.output
     assert "finish interrupted" in r.stderr and "finish length" in r.stderr

@@ -12,8 +12,10 @@ from click.testing import CliRunner
 
 from s2t_edge.analyze import KS, coverage, format_coverage, plot_coverage
 from s2t_edge.cli import main
-from s2t_edge.collect import collect
+from s2t_edge.collect import collect, problem_prompt
+from s2t_edge.engine import Engine
 from s2t_edge.errors import S2TError
+from s2t_edge.prompt import ChatTemplate
 from s2t_edge.shards import (
     POSITION_FIELDS,
     SCHEMA_VERSION,
@@ -22,6 +24,7 @@ from s2t_edge.shards import (
     read_shard,
     shard_paths,
 )
+from s2t_edge.teacher import log_softmax
 
 K = 4
 MAX_TOKENS = 12
@@ -88,6 +91,25 @@ def test_shards_complete_and_consistent(groups: Path) -> None:
     assert m["correct"] == sum(meta["correct"] for meta, _ in shards)
     assert m["k"] == K and m["max_tokens"] == MAX_TOKENS and m["mode"] == "greedy"
     assert m["skipped_bad_lines"] == 0 and len(m["slm_sha256"]) == 64
+
+
+def test_shards_hold_what_the_models_compute(groups: Path, tiny_gguf: Path, tiny_teacher_gguf: Path) -> None:
+    """Each position re-scored by an independent prefill: the SLM's top-K and logits, the teacher's
+    probabilities on them and its own top-1."""
+    question = {p["answer"].split("#### ")[1]: p["question"] for p in PROBLEMS}
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1) as slm, Engine(tiny_teacher_gguf, n_ctx=512, n_threads=1) as t:
+        for meta, a in iter_shards(groups):
+            prompt = problem_prompt(slm, ChatTemplate(slm), question[meta["gold"]])
+            assert meta["prompt_tokens"] == len(prompt)
+            seq, first = prompt + a["chosen"][:-1].tolist(), len(prompt) - 1
+            for (_, s_row), (_, t_row), i in zip(slm.score(seq, first), t.score(seq, first), range(meta["tokens"])):
+                ids = a["slm_ids"][i]
+                assert list(ids) == list(np.argsort(-s_row, kind="stable")[:K])
+                np.testing.assert_allclose(a["slm_logits"][i], s_row[ids], atol=5e-3)  # step vs prefill sums
+                probs = np.exp(log_softmax(t_row))
+                np.testing.assert_allclose(a["teacher_probs"][i], probs[ids], atol=1e-3)
+                assert a["teacher_top1"][i] == int(t_row.argmax())
+                np.testing.assert_allclose(a["teacher_top1_prob"][i], probs.max(), atol=1e-3)
 
 
 def test_s2t_mode_follows_teacher(tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, data: Path) -> None:

@@ -27,6 +27,9 @@ def test_system_prompt_asks_for_steps_and_boxed():
         ("The answer is unclear. He had 5 apples and ate 2, leaving 3", "3"),
         ("He walked 3 miles, then 4 more, so 7 miles in total.", "7"),
         ("Compute 5-3=2", "2"),
+        ("The answer is:\n\n**42**", "42"),
+        ("The answer is approximately 3.5 hours.", "3.5"),
+        ("So the answer is 10. Let me double check: 2 * 5 = 10. Yes.", "10"),
         ("I cannot solve this problem.", None),
         ("", None),
     ],
@@ -128,18 +131,6 @@ def test_majority_vote_is_a_vote_not_pass_at_k():
 
 def test_majority_vote_non_numeric_answers():
     assert majority_vote(["yes", "no", "yes "]) == ("yes", 2)
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("The answer is:\n\n**42**", "42"),
-        ("The answer is approximately 3.5 hours.", "3.5"),
-        ("So the answer is 10. Let me double check: 2 * 5 = 10. Yes.", "10"),
-    ],
-)
-def test_extract_answer_phrase_variants(text, expected):
-    assert extract_answer(text) == expected
 
 
 def test_truncated_answers_are_graded_on_an_explicit_answer_only():

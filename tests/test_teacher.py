@@ -42,19 +42,6 @@ def step_at(slm: Engine, context: list[int], k: int = K) -> Step:
     return Step(list(context), len(context), candidates(slm.load(context), k), None)
 
 
-def test_score_equals_step_by_step(teacher: Engine) -> None:
-    ids = teacher.tokenize(TEXT)
-    first = 3
-    rows = {pos: logits.copy() for pos, logits in teacher.score(ids, first)}
-    assert sorted(rows) == list(range(first, len(ids)))
-    teacher.reset()
-    ref = {first: teacher.load(ids[: first + 1]).copy()}
-    for pos in range(first + 1, len(ids)):
-        ref[pos] = teacher.step(ids[pos]).copy()
-    for pos in rows:
-        np.testing.assert_allclose(rows[pos], ref[pos], atol=ATOL, err_msg=f"position {pos}")
-
-
 def test_same_vocab_accepted(slm: Engine, teacher: Engine) -> None:
     assert slm.n_vocab == teacher.n_vocab
     check_same_vocab(slm, teacher)  # no error

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from s2t_edge.export.bundle_writer import export_bundle, quantize_gguf
-from s2t_edge.train.data import load_groups, split_problems
-from s2t_edge.train.train import TrainConfig, load_checkpoint, train
+from s2t_edge.train.data import load_groups, output_embedding, split_problems
+from s2t_edge.train.train import TrainConfig, load_checkpoint, policy_metrics, predict, train
 
 from s2t_edge.bundle import FEATURE_VERSION, FORMAT_VERSION, MANIFEST, ONNX_NAME, load_bundle
 from s2t_edge.engine import Engine
@@ -189,11 +189,17 @@ def test_corrupt_checkpoint_refused(tmp_path: Path, trained, tiny_gguf: Path) ->
         export_bundle(tiny_gguf, garbage, tmp_path / "b")
 
 
-def test_checkpoint_round_trip(trained) -> None:
-    model, ckpt = load_checkpoint(trained[1])
+def test_checkpoint_round_trip(trained, tiny_gguf: Path) -> None:
+    """The reloaded checkpoint is the model the report describes: it scores its test problems the same."""
+    report, path, groups_dir = trained
+    model, ckpt = load_checkpoint(path)
     assert model.k == K and not model.training and ckpt["n_embd"] == N_EMBD
     p = ckpt["parity_inputs"]
     assert p["hidden"].shape[1] == N_EMBD and p["ids"].shape[1] == K == p["logits"].shape[1]
+    groups, _ = load_groups(groups_dir, K)
+    test = groups.subset(split_problems(len(groups.problem_ids), CFG.seed)[2])
+    scores, trig = predict(model, test, output_embedding(tiny_gguf) if CFG.use_tokens else None)
+    assert policy_metrics(test, scores, trig, report["threshold"], report["rule"]) == report["test"]
 
 
 # ---- export and bundles -----------------------------------------------------------------------
@@ -341,8 +347,8 @@ def test_quantize_q8_0(tmp_path: Path, tiny_gguf: Path) -> None:
 
 
 def test_token_prior_variant_trains_and_exports(tmp_path: Path, tiny_gguf: Path, trained) -> None:
-    """The context-free token-code path changes the model, survives the checkpoint and exports
-    with parity (export checks onnxruntime == torch itself)."""
+    """The context-free token-code path adds its input to the candidate MLP, survives the
+    checkpoint and exports with parity (export checks onnxruntime == torch itself)."""
     from dataclasses import replace
 
     cfg = replace(CFG, token_prior=True, epochs=2)

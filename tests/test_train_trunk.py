@@ -69,10 +69,13 @@ def test_top_layer_run_trains_resumes_and_exports(
 ) -> None:
     whole = tmp_path / "whole"
     r = ad.train_adapter(tiny_labels, tiny_gguf, whole, cfg(epochs=4), threads=1, progress=False)
-    assert r["config"]["layers"] == 1 and r["best"]["agreement"] >= r["history"][0]["agreement"]
+    assert r["config"]["layers"] == 1
     lora = torch.load(whole / "checkpoint.pt", weights_only=False)["lora"]
     assert lora and all(".layers.1." in k for k in lora)
-    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
+    train_set = [t for t in ad.load_trajectories(tiny_labels) if t.key not in r["problems"]["val_ids"]]
+    before = ad.evaluate(ad.add_lora(ad.load_slm(tiny_gguf), cfg()), train_set)
+    after = ad.evaluate(ad.load_adapter(whole, tiny_gguf, "last")[0], train_set)
+    assert after["agreement"] > before["agreement"]  # the top layer alone learns its training problems
     real = ad.losses
     broken = tmp_path / "broken"
     interrupt_on_call(monkeypatch, ad, "losses", 4)
