@@ -259,6 +259,18 @@ def test_bf16_autocast(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     assert r["config"]["bf16"] is True and r["history"][-1]["trajectories_seen"] > 0
 
 
+def test_bf16_warns_on_a_cpu_without_it(labels: Path, tiny_gguf: Path, tmp_path: Path, monkeypatch) -> None:
+    """Emulated bf16 is far slower than float32 (an AVX2-only EPYC): `train --bf16` says so, and still runs."""
+    from s2t_edge.train import trunk
+
+    args = ["train", "--labels", labels, "--slm", tiny_gguf, "--rank", "4", "--all-trajectories", "--threads", "1"]
+    for native in (True, False):
+        monkeypatch.setattr(trunk, "native_bf16", lambda native=native: native)
+        r = cli(*args, "--bf16", "--json", "--out", tmp_path / f"run-{native}")
+        assert r.code == 0, r.stderr
+        assert ("no native bfloat16" in r.stderr) is not native and json.loads(r.stdout)["config"]["bf16"] is True
+
+
 def test_resumes_a_checkpoint_from_before_a_config_field(labels: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     """A checkpoint written before a config field existed ran at that field's default: it resumes."""
     c = cfg(epochs=1)

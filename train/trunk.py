@@ -47,6 +47,16 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int | None = None) 
     return hidden
 
 
+def native_bf16() -> bool:
+    """Whether this CPU does bfloat16 matmuls natively (x86: AVX512-BF16 or AMX); without it CPU
+    autocast emulates bf16 and a training step is far slower than float32. Other CPUs: assumed so."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def final_hidden(model, tokens: np.ndarray, trunk: TrunkCache | None = None, bf16: bool = False) -> torch.Tensor:
     """Final (normed) hidden states [T, H] of a token sequence, in float32: a full forward, or the
     top layers over the trunk's cached states; `bf16` runs the decoder layers under bfloat16 autocast."""

@@ -222,6 +222,14 @@ def train(
             bf16=bf16,
         )
         keys = None if problems_of is None else report_keys(problems_of)
+        from s2t_edge.train.trunk import native_bf16
+
+        if bf16 and not native_bf16():
+            click.echo(
+                "warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX): --bf16 is emulated and far "
+                "slower than float32 here; drop it",
+                err=True,
+            )
         r = train_adapter(labels, resolve_model(slm), out, cfg, threads=threads, keys=keys)
         if as_json:
             click.echo(json.dumps(r, indent=2))
