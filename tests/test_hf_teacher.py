@@ -198,7 +198,7 @@ def run(slm: Path, teacher: Path, data: Path, out: Path, **kw) -> dict:
 
 
 def test_collect_same_shards_as_gguf_teacher(
-    tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, hf_dir: Path, data: Path
+    tmp_path: Path, tiny_gguf: Path, tiny_teacher_gguf: Path, hf_dir: Path, data: Path, slm: Engine
 ) -> None:
     run(tiny_gguf, tiny_teacher_gguf, data, tmp_path / "gguf")
     m = run(tiny_gguf, hf_dir, data, tmp_path / "hf")
@@ -212,8 +212,7 @@ def test_collect_same_shards_as_gguf_teacher(
             np.testing.assert_array_equal(a[f], b[f])
         # the teacher side is what a plain transformers forward pass of the HF teacher gives
         q = next(p["question"] for p in PROBLEMS if p["answer"] == f"#### {mb['gold']}")
-        with Engine(tiny_gguf, n_ctx=N_CTX, n_threads=1) as e:
-            prompt = problem_prompt(e, ChatTemplate(e), q)
+        prompt = problem_prompt(slm, ChatTemplate(slm), q)
         logits = forward(hf_dir, prompt + b["chosen"][:-1].tolist())[len(prompt) - 1 :, :TINY_VOCAB_SIZE]
         probs = torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
         rows = np.arange(len(probs))
