@@ -351,9 +351,9 @@ class Engine(Vocab):
         # per run of consecutive ids in the batch's order (up to 1.8x slower steps otherwise)
         order = sorted(range(len(tokens)), key=lambda i: seqs[i])
         row = {i: j for j, i in enumerate(order)}  # caller's index -> batch row
+        batch_tokens, batch_pos, batch_seqs = zip(*[(tokens[i], positions[i], seqs[i]) for i in order])
         self._set_embeddings(self.hidden_enabled)
-        pick = lambda xs: [xs[i] for i in order]  # noqa: E731
-        self._decode(pick(tokens), pick(positions), [True] * len(tokens), pick(seqs))
+        self._decode(batch_tokens, batch_pos, [True] * len(tokens), batch_seqs)
         if self.hidden_enabled:
             self.hidden_rows = [self._hidden(row[i]) for i in range(len(tokens))]
         return [self.logits(row[i]) for i in range(len(tokens))]
