@@ -3,7 +3,9 @@
 Each prompt gets a slot (a sequence of the engine); every step decodes one token for every active
 slot in a single `llama_decode`, and a finished slot takes the next prompt. On a CPU this turns
 the memory-bound one-token matrix-vector products into small matrix products (several times the
-throughput). Trigger and selector run per slot exactly as in `decode()`.
+throughput). Trigger and selector run per slot exactly as in `decode()`. A prompt that starts
+like an active slot's (the system prompt every GSM8K problem or chat request shares) copies those
+cells from it and prefills only the rest.
 
 `BatchScheduler` is the step-wise core (`add` a prompt into a free slot, `step` all slots once,
 `cancel` a slot): `decode_batch()` drives it for offline work, `s2t-edge serve` for live requests.
@@ -19,7 +21,7 @@ import numpy as np
 
 from s2t_edge.candidates import Candidates, Step, candidates
 from s2t_edge.decode import DecodeStats
-from s2t_edge.engine import Engine
+from s2t_edge.engine import Engine, reusable_prefix
 from s2t_edge.errors import S2TError
 from s2t_edge.policy import Policy
 from s2t_edge.teacher import TeacherSelector, teacher_choice
@@ -37,6 +39,9 @@ class _Slot:
     stats: DecodeStats = field(default_factory=DecodeStats)
     nxt: tuple[Candidates, np.ndarray | None] | None = None  # the next step's inputs
     pick: int | None = None  # the teacher's choice at the next step
+
+
+MIN_SHARED = 16  # tokens: below this a prompt is prefilled whole rather than copied from another slot
 
 
 def _same_start(src: _Slot, slot: _Slot) -> bool:
@@ -137,9 +142,11 @@ class BatchScheduler:
             if src is not None and _same_start(src, slot):
                 self._copy(like, src, seq, slot)
             else:
-                self._take(seq, self.engine.prefill_seq(slot.prompt, seq), self.engine.hidden)
+                reuse = self._shared_start(seq, slot.prompt)
+                self._take(seq, self.engine.prefill_seq(slot.prompt, seq, reuse=reuse), self.engine.hidden)
                 if self.teacher is not None:
-                    self._teach(seq, self.teacher.prefill_seq(slot.prompt, seq))
+                    self._teach(seq, self.teacher.prefill_seq(slot.prompt, seq, reuse=reuse))
+                slot.stats.cached_tokens = reuse[1] if reuse else 0
         except BaseException:
             self._release(seq)  # a failed prefill leaves the slot free and its cells dropped
             raise
@@ -148,10 +155,22 @@ class BatchScheduler:
         slot.stats.prefill_s += dt
         return seq
 
+    def _shared_start(self, seq: int, prompt: list[int]) -> tuple[int, int] | None:
+        """The active slot whose prompt starts like `prompt` for longest (a system prompt, an
+        earlier chat turn) and that length, kept below the whole prompt so its last token is
+        decoded; None under MIN_SHARED tokens, where copying a sequence's cache is not worth it."""
+        best, n = None, 0
+        for s, other in self.active.items():
+            m = reusable_prefix(other.prompt, prompt) if s != seq else 0
+            if m > n:
+                best, n = s, m
+        return (best, n) if best is not None and n >= MIN_SHARED else None
+
     def _copy(self, src_seq: int, src: _Slot, seq: int, slot: _Slot) -> None:
         """Start `slot` from `src`'s prefill: its cache (and the teacher's), first candidates
         (never mutated, so shared), hidden state (a copy) and the teacher's first pick."""
         self.engine.copy_seq(src_seq, seq)
+        slot.stats.cached_tokens = len(slot.prompt)
         cands, hidden = src.nxt
         slot.nxt = (cands, None if hidden is None else hidden.copy())
         if self.teacher is not None:

@@ -358,9 +358,11 @@ class Engine(Vocab):
             self.hidden_rows = [self._hidden(row[i]) for i in range(len(tokens))]
         return [self.logits(row[i]) for i in range(len(tokens))]
 
-    def prefill_seq(self, tokens: Sequence[int], seq: int) -> np.ndarray:
+    def prefill_seq(self, tokens: Sequence[int], seq: int, *, reuse: tuple[int, int] | None = None) -> np.ndarray:
         """Decode `tokens` into the empty sequence `seq` from position 0; returns the last logits
-        (a view). With `hidden=True` the last token runs alone with embeddings on (`self.hidden`)."""
+        (a view). With `hidden=True` the last token runs alone with embeddings on (`self.hidden`).
+        `reuse=(src, n)`: sequence `src` holds `tokens[:n]` at positions 0..n-1 (0 < n < len(tokens));
+        those cells are copied instead of recomputed, and only the rest is decoded."""
         if not tokens:
             raise S2TError("empty prompt")
         if len(tokens) > self.n_ctx_seq:
@@ -368,7 +370,15 @@ class Engine(Vocab):
                 f"context overflow: a {len(tokens)}-token prompt > {self.n_ctx_seq} per sequence{self._rounded()}; "
                 "shorten it or raise --ctx"
             )
-        return self._prefill(tokens, seq, 0, track=False)
+        if reuse is None:
+            return self._prefill(tokens, seq, 0, track=False)
+        src, n = reuse
+        if not 0 < n < len(tokens):
+            raise ValueError(f"reuse of {n} tokens of a {len(tokens)}-token prompt")
+        # a cache per sequence copies only whole sequences: copy all of src, then drop what follows the prefix
+        self.copy_seq(src, seq)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, n, -1)
+        return self._prefill(tokens[n:], seq, n, track=False)
 
     def _hidden(self, i: int) -> np.ndarray:
         ptr = llama_cpp.llama_get_embeddings_ith(self._ctx, i)

@@ -127,6 +127,26 @@ def test_step_many_rows_follow_the_callers_order(
     assert not np.allclose(a[0][0], a[2][0])  # the rows are distinct, so a mix-up would show
 
 
+@pytest.mark.parametrize("unified", [True, False])
+def test_a_reused_prefix_decodes_as_a_whole_prefill(tiny_gguf: Path, unified: bool) -> None:
+    """`prefill_seq(reuse=...)` copies the shared start from another sequence and drops the rest of
+    it: logits and hidden state equal a whole prefill, at the prefill and at the next step."""
+    shared = list(range(3, 23))
+    a, b = shared + [30, 31, 32, 33], shared + [40, 41]  # src holds more than the shared start
+    got = {}
+    for reuse in (False, True):
+        with Engine(tiny_gguf, n_ctx=128 * 2, n_threads=1, n_seq=2, unified=unified, hidden=True) as e:
+            e.prefill_seq(a, 0)
+            first = e.prefill_seq(b, 1, reuse=(0, len(shared)) if reuse else None).copy()
+            h = e.hidden.copy()
+            nxt = e.step_many([50, 51], [0, 1], [len(a), len(b)])[1].copy()
+            got[reuse] = (first, h, nxt)
+    for x, y in zip(got[False], got[True]):
+        np.testing.assert_allclose(x, y, atol=ATOL)
+    with Engine(tiny_gguf, n_ctx=128, n_threads=1) as e, pytest.raises(ValueError):
+        e.prefill_seq(b, 0, reuse=(0, len(b)))  # the last token must be decoded for its logits
+
+
 def test_score_rows_equal_steps(engine: Engine) -> None:
     ids = engine.tokenize(TEXT + " Let us think step by step.")
     first = 4

@@ -9,8 +9,9 @@ from unittest import mock
 
 import pytest
 
-from s2t_edge.batch import BatchScheduler
-from s2t_edge.engine import Engine
+from s2t_edge.batch import MIN_SHARED, BatchScheduler, decode_batch
+from s2t_edge.decode import decode
+from s2t_edge.engine import Engine, reusable_prefix
 from s2t_edge.policy import greedy
 from s2t_edge.runtime import build_policy, open_models
 from tests.test_batch import prompts, sequential
@@ -138,3 +139,22 @@ def test_a_copied_prefill_copies_the_teachers_cache_too(tiny_gguf: Path, tiny_te
     finally:
         two.close()
     assert out == {"a": refs[i][0], "b": refs[i][0]} and flips == {"a": refs[i][1].flips, "b": refs[i][1].flips}
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_a_shared_system_prompt_is_copied_not_prefilled_again(tiny_gguf: Path, unified: bool) -> None:
+    """Prompts that start alike (a system prompt) prefill that start once; each slot still decodes
+    as it would alone, and says how many of its prompt tokens were copied."""
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1) as e:
+        system = e.tokenize("<|im_start|>system\nYou are a careful assistant. Think step by step.<|im_end|>\n")
+        ps = [system + p for p in prompts(e)[:3]]
+        ref = [[t.id for t in decode(e, p, max_tokens=10)] for p in ps]
+    assert len(system) >= MIN_SHARED
+    with Engine(tiny_gguf, n_ctx=3 * 256, n_threads=1, n_seq=3, unified=unified) as e:
+        with mock.patch.object(e, "prefill_seq", wraps=e.prefill_seq) as prefill:
+            got = {i: (ids, st) for i, ids, st in decode_batch(e, ps, greedy(), max_tokens=10)}
+    assert [got[i][0] for i in range(3)] == ref
+    shared = reusable_prefix(ps[0], ps[1])  # the system prompt and the user turn's opening
+    assert shared >= len(system)
+    assert [got[i][1].cached_tokens for i in range(3)] == [0, shared, shared]
+    assert [c.kwargs["reuse"] for c in prefill.call_args_list] == [None, (0, shared), (0, shared)]

@@ -17,7 +17,9 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai", reason="the dev extra is not installed")
 
+from s2t_edge.batch import MIN_SHARED  # noqa: E402
 from s2t_edge.decode import DecodeStats, Token, decode  # noqa: E402
+from s2t_edge.engine import reusable_prefix  # noqa: E402
 from s2t_edge.policy import Policy, greedy, sampling  # noqa: E402
 from s2t_edge.prompt import ChatTemplate, chat_tokens  # noqa: E402
 from s2t_edge.runtime import Models, build_policy, open_models  # noqa: E402
@@ -244,6 +246,7 @@ def test_errors_are_openai_error_objects(server: Server, path, body, key, status
     # and the server keeps serving
     ok, r = http(server.url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2}, key=KEY)
     assert ok == 200 and r["usage"]["completion_tokens"] <= 2
+    assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # alone: nothing to copy from
 
 
 def test_official_client_raises_typed_errors(server: Server) -> None:
@@ -331,6 +334,34 @@ def test_worker_batches_together_and_refuses_a_full_queue(plain2: Models, refere
         assert "".join(p.text for p in j.events if isinstance(p, Piece)) == plain2.slm.detokenize([t.id for t in toks])
     with pytest.raises(APIError, match="shutting down"):
         w.submit(job(plain2, "late"))
+
+
+def test_worker_copies_a_shared_system_prompt(plain2: Models, reference: Reference) -> None:
+    """Two requests with one system prompt: the second copies its cells from the first's slot,
+    says so, and answers as it would alone."""
+    system = {"role": "system", "content": "You are a careful assistant. Think step by step, then answer briefly."}
+    chats = [[system, {"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a colour.")]
+    jobs = []
+    for chat in chats:
+        events: list = []
+        j = Job(chat_tokens(plain2.slm, ChatTemplate(plain2.slm), chat), 8, greedy(), events.append)
+        j.events = events  # type: ignore[attr-defined]
+        jobs.append(j)
+    w = Worker(plain2.slm, greedy(), parallel=2, queue_size=2, ctx=256)
+    w.submit(jobs[0])
+    w.submit(jobs[1])
+    w.start()
+    try:
+        wait_until(lambda: all(isinstance(j.events[-1:] and j.events[-1], Done) for j in jobs))
+    finally:
+        w.shutdown(0)
+        assert w.join(30)
+    shared = reusable_prefix(jobs[0].prompt, jobs[1].prompt)
+    assert shared >= MIN_SHARED
+    assert [j.events[-1].stats["cached_tokens"] for j in jobs] == [0, shared]
+    for j, chat in zip(jobs, chats):
+        _, toks, _ = reference(chat, max_tokens=8, policy=greedy())
+        assert "".join(p.text for p in j.events if isinstance(p, Piece)) == plain2.slm.detokenize([t.id for t in toks])
 
 
 def test_worker_cancel_frees_the_slot_at_once(plain2: Models) -> None:

@@ -119,7 +119,8 @@ async def _stream(req: GenRequest, jobs: list[Job], events: asyncio.Queue[tuple[
         else:
             if req.include_usage:
                 tokens = sum(d.completion_tokens for d in done.values())
-                yield sse(chunk(req, use=usage(len(jobs[0].prompt), tokens)))
+                cached = done[0].stats["cached_tokens"]
+                yield sse(chunk(req, use=usage(len(jobs[0].prompt), tokens, cached)))
         yield sse("[DONE]")
     finally:  # also when the client went away mid-answer: its slots are freed at the next step
         for job in jobs:
@@ -145,7 +146,9 @@ async def _collect(
                 done[i] = ev
             elif isinstance(ev, Failed):
                 raise ev.error
-        use = usage(len(jobs[0].prompt), sum(d.completion_tokens for d in done.values()))
+        use = usage(
+            len(jobs[0].prompt), sum(d.completion_tokens for d in done.values()), done[0].stats["cached_tokens"]
+        )
         outs = [("".join(parts[i]), done[i].finish_reason, done[i].stats) for i in range(len(jobs))]
         return JSONResponse(response(req, outs, use))
     finally:

@@ -243,6 +243,7 @@ class Worker:
         info.update(
             policy=job.policy.name,
             prefill_s=round(stats.prefill_s, 4),
+            cached_tokens=stats.cached_tokens,
             batch=job.batch,
             queue_s=round(job.started - job.submitted, 4),
             total_s=round(time.perf_counter() - job.submitted, 4),
