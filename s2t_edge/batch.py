@@ -94,6 +94,8 @@ class BatchScheduler:
             self.teacher.reset()
         self.active: dict[int, _Slot] = {}  # seq id -> slot
         self._free = list(range(engine.n_seq))[::-1]
+        self._warm: dict[int, list[int]] = {}  # free seq id -> the tokens its cells still hold
+        self._reuse = engine.partial_reuse and (self.teacher is None or self.teacher.partial_reuse)
         self._feed: dict[int, int] = {}  # seq id -> the token chosen at the last step, not yet decoded
         engine.reset()
 
@@ -135,25 +137,49 @@ class BatchScheduler:
         slot.stats.prompt_tokens = len(slot.prompt)
         slot.stats.finish_reason = "length"
         src = self.active.get(like) if like is not None and self.on_logits is None else None
-        seq = self._free.pop()
+        seq, kept = self._take_free(slot.prompt)
         self.active[seq] = slot
         t0 = time.perf_counter()
         try:
             if src is not None and _same_start(src, slot):
+                if kept:
+                    self._drop(seq)
                 self._copy(like, src, seq, slot)
             else:
                 reuse = self._shared_start(seq, slot.prompt)
+                if kept and (reuse is None or kept >= reuse[1]):
+                    reuse = (seq, kept)  # its own cells from the last prompt it held: nothing to copy
+                elif kept:
+                    self._drop(seq)  # another slot shares more: copy that instead
                 self._take(seq, self.engine.prefill_seq(slot.prompt, seq, reuse=reuse), self.engine.hidden)
                 if self.teacher is not None:
                     self._teach(seq, self.teacher.prefill_seq(slot.prompt, seq, reuse=reuse))
                 slot.stats.cached_tokens = reuse[1] if reuse else 0
         except BaseException:
-            self._release(seq)  # a failed prefill leaves the slot free and its cells dropped
+            self._release(seq, keep=False)  # a failed prefill leaves the slot free and its cells dropped
             raise
         dt = time.perf_counter() - t0
         slot.stats.model_s += dt
         slot.stats.prefill_s += dt
         return seq
+
+    def _take_free(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt`, and how many of its leading tokens that slot still holds: the
+        free slot whose last prompt and answer start like it for longest (a chat's next turn), if
+        at least MIN_SHARED; otherwise the next free slot, its old cells dropped."""
+        best, n = None, 0
+        for s in self._free:
+            m = reusable_prefix(self._warm[s], prompt) if s in self._warm else 0
+            if m > n:
+                best, n = s, m
+        if best is not None and n >= MIN_SHARED:
+            self._free.remove(best)
+            del self._warm[best]
+            return best, n
+        seq = self._free.pop()
+        if self._warm.pop(seq, None) is not None:
+            self._drop(seq)
+        return seq, 0
 
     def _shared_start(self, seq: int, prompt: list[int]) -> tuple[int, int] | None:
         """The active slot whose prompt starts like `prompt` for longest (a system prompt, an
@@ -164,7 +190,7 @@ class BatchScheduler:
             m = reusable_prefix(other.prompt, prompt) if s != seq else 0
             if m > n:
                 best, n = s, m
-        return (best, n) if best is not None and n >= MIN_SHARED else None
+        return (best, n) if best is not None and n >= MIN_SHARED and self._reuse else None
 
     def _copy(self, src_seq: int, src: _Slot, seq: int, slot: _Slot) -> None:
         """Start `slot` from `src`'s prefill: its cache (and the teacher's), first candidates
@@ -241,13 +267,21 @@ class BatchScheduler:
             events.append(SlotToken(seq, slot.key, emitted, fired, flipped, done, slot.out, st))
         return events
 
-    def _release(self, seq: int) -> None:
-        del self.active[seq]
+    def _release(self, seq: int, keep: bool = True) -> None:
+        """Free the slot; its cells stay (until the slot is taken) for a prompt that starts with
+        its prompt and answer. Every token but the last was decoded; the last may not have been."""
+        slot = self.active.pop(seq)
         self._feed.pop(seq, None)
+        if keep and self._reuse:
+            self._warm[seq] = slot.prompt + slot.out[:-1]
+        else:
+            self._drop(seq)
+        self._free.append(seq)
+
+    def _drop(self, seq: int) -> None:
         self.engine.drop_seq(seq)
         if self.teacher is not None:
             self.teacher.drop_seq(seq)
-        self._free.append(seq)
 
     def cancel(self, seq: int) -> None:
         """End a slot now (e.g. its client went away) and free it for the next prompt."""
@@ -259,6 +293,7 @@ class BatchScheduler:
         self.active.clear()
         self._feed.clear()
         self._free = list(range(self.engine.n_seq))[::-1]
+        self._warm.clear()
         self.engine.reset()
         if self.teacher is not None:
             self.teacher.reset()

@@ -83,6 +83,13 @@ class Engine(Vocab):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        # a cache may keep a sequence's first n cells and drop the rest only with full attention:
+        # a sliding window purges old cells, a recurrent state cannot be cut
+        self.partial_reuse = not (
+            llama_cpp.llama_model_n_swa(self._model)
+            or llama_cpp.llama_model_is_recurrent(self._model)
+            or llama_cpp.llama_model_is_hybrid(self._model)
+        )
         cparams = llama_cpp.llama_context_default_params()
         unified = n_seq > 1 if unified is None else unified
         # n_ctx is the total over all sequences; no sequence may outgrow the trained context
@@ -210,7 +217,7 @@ class Engine(Vocab):
         Returns the last position's logits. Multi-turn chat and a teacher catching up with the
         accepted tokens both go through here, so only the new suffix is ever decoded.
         """
-        common = reusable_prefix(self.tokens, tokens)
+        common = reusable_prefix(self.tokens, tokens) if self.partial_reuse else 0
         # Trim even when `self.tokens` is all common: a decode interrupted by Ctrl-C after
         # llama_decode but before `self.tokens` was updated leaves extra cells in the cache.
         llama_cpp.llama_memory_seq_rm(self._mem, 0, common, -1)
@@ -362,7 +369,8 @@ class Engine(Vocab):
         """Decode `tokens` into the empty sequence `seq` from position 0; returns the last logits
         (a view). With `hidden=True` the last token runs alone with embeddings on (`self.hidden`).
         `reuse=(src, n)`: sequence `src` holds `tokens[:n]` at positions 0..n-1 (0 < n < len(tokens));
-        those cells are copied instead of recomputed, and only the rest is decoded."""
+        those cells are copied instead of recomputed (`src == seq`: kept, `seq` need not be empty),
+        and only the rest is decoded."""
         if not tokens:
             raise S2TError("empty prompt")
         if len(tokens) > self.n_ctx_seq:
@@ -375,8 +383,11 @@ class Engine(Vocab):
         src, n = reuse
         if not 0 < n < len(tokens):
             raise ValueError(f"reuse of {n} tokens of a {len(tokens)}-token prompt")
+        if not self.partial_reuse:
+            raise ValueError("this model's cache cannot keep part of a sequence (sliding window or recurrent)")
         # a cache per sequence copies only whole sequences: copy all of src, then drop what follows the prefix
-        self.copy_seq(src, seq)
+        if src != seq:
+            self.copy_seq(src, seq)
         llama_cpp.llama_memory_seq_rm(self._mem, seq, n, -1)
         return self._prefill(tokens[n:], seq, n, track=False)
 

@@ -137,10 +137,11 @@ def test_a_reused_prefix_decodes_as_a_whole_prefill(tiny_gguf: Path, unified: bo
     for reuse in (False, True):
         with Engine(tiny_gguf, n_ctx=128 * 2, n_threads=1, n_seq=2, unified=unified, hidden=True) as e:
             e.prefill_seq(a, 0)
+            e.step_many([60], [0], [len(a)])  # the source is generating
             first = e.prefill_seq(b, 1, reuse=(0, len(shared)) if reuse else None).copy()
             h = e.hidden.copy()
-            nxt = e.step_many([50, 51], [0, 1], [len(a), len(b)])[1].copy()
-            got[reuse] = (first, h, nxt)
+            rows = e.step_many([50, 51], [0, 1], [len(a) + 1, len(b)])
+            got[reuse] = (first, h, rows[0].copy(), rows[1].copy())  # the source's row untouched too
     for x, y in zip(got[False], got[True]):
         np.testing.assert_allclose(x, y, atol=ATOL)
     with Engine(tiny_gguf, n_ctx=128, n_threads=1) as e, pytest.raises(ValueError):

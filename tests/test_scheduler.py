@@ -7,6 +7,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from s2t_edge.batch import MIN_SHARED, BatchScheduler, decode_batch
@@ -158,3 +159,70 @@ def test_a_shared_system_prompt_is_copied_not_prefilled_again(tiny_gguf: Path, u
     assert shared >= len(system)
     assert [got[i][1].cached_tokens for i in range(3)] == [0, shared, shared]
     assert [c.kwargs["reuse"] for c in prefill.call_args_list] == [None, (0, shared), (0, shared)]
+    with Engine(tiny_gguf, n_ctx=3 * 256, n_threads=1, n_seq=3, unified=unified) as e:
+        e.partial_reuse = False  # as for a sliding-window or recurrent model: every prompt prefilled whole
+        got = {i: (ids, st) for i, ids, st in decode_batch(e, ps, greedy(), max_tokens=10)}
+        with pytest.raises(ValueError, match="cannot keep part"):
+            e.prefill_seq(ps[1], 1, reuse=(0, shared))
+    assert [got[i][0] for i in range(3)] == ref and [got[i][1].cached_tokens for i in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_a_freed_slot_keeps_its_cells_for_a_prompt_that_starts_like_it(tiny_gguf: Path, unified: bool) -> None:
+    """A finished slot's prompt and answer stay cached: a prompt starting with them keeps those
+    cells (a chat's next turn); when a running slot shares more, its cells are copied instead."""
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1) as e:
+        system = e.tokenize("<|im_start|>system\nYou are a careful assistant. Think step by step.<|im_end|>\n")
+        more = e.tokenize("<|im_start|>user\nHere is a long shared context for two of the questions.")
+        q = prompts(e)
+        turn1, other = system + q[0], system + q[4]
+        first = [t.id for t in decode(e, turn1, max_tokens=6)]
+        turn2 = turn1 + first + q[1]  # the next turn starts with the first turn and its answer
+        a, b = system + more + q[2], system + more + q[3]
+        ref = {k: [t.id for t in decode(e, p, max_tokens=6)] for k, p in (("turn2", turn2), ("a", a), ("b", b))}
+        e.reset()
+        ref_first = {k: e.load(p).copy() for k, p in (("turn2", turn2), ("b", b))}  # the prompts' last logits
+    first_logits: dict[Hashable, np.ndarray] = {}
+    with Engine(tiny_gguf, n_ctx=2 * 256, n_threads=1, n_seq=2, unified=unified) as e:
+        sched = BatchScheduler(e, greedy(), on_logits=lambda k, row: first_logits.setdefault(k, row.copy()))
+        one = sched.add(turn1, key="turn1", max_tokens=6)
+        sched.add(other, key="other", max_tokens=6)
+        out: dict[Hashable, list[int]] = {}
+        drain(sched, out)  # both slots free, both holding their cells
+        assert out["turn1"] == first
+        s = sched.add(turn2, key="turn2", max_tokens=6)
+        assert s == one and sched.active[s].stats.cached_tokens == len(turn1) + len(first) - 1
+        drain(sched, out)
+        sched.add(a, key="a", max_tokens=6)  # a free slot's system prompt kept
+        sb = sched.add(b, key="b", max_tokens=6)  # its slot's system prompt dropped: running `a` shares more
+        assert sched.active[sb].stats.cached_tokens == reusable_prefix(a, b) > reusable_prefix(other, b)
+        drain(sched, out)
+    assert {k: out[k] for k in ref} == ref
+    # a prompt prefilled in parts differs from a whole prefill by ≈ 2e-3 here (as decoding it token by
+    # token does); a cell left over from the slot's last prompt moves these by ≈ 0.2
+    for k, row in ref_first.items():
+        np.testing.assert_allclose(first_logits[k], row, atol=1e-2)
+
+
+def test_a_shared_start_is_copied_in_the_teachers_cache_too(tiny_gguf: Path, tiny_teacher_gguf: Path) -> None:
+    """With the teacher in lockstep, both caches copy the shared start: s2t decodes as alone."""
+    kw = {"bundle": "none", "teacher": str(tiny_teacher_gguf), "ctx": 256, "threads": 1}
+    one = open_models(str(tiny_gguf), **kw)
+    try:
+        system = one.slm.tokenize("<|im_start|>system\nYou are a careful assistant. Think step by step.<|im_end|>\n")
+        ps = [system + p for p in prompts(one.slm)[:3]]
+        refs = [run(one.slm, p, **build_policy(one, "s2t").decode_args()) for p in ps]
+    finally:
+        one.close()
+    assert sum(st.flips for _, st in refs) > 0  # the teacher's choices matter
+    two = open_models(str(tiny_gguf), n_seq=2, teacher_seq=2, **kw)
+    try:
+        with mock.patch.object(two.teacher, "prefill_seq", wraps=two.teacher.prefill_seq) as prefill:
+            batch = decode_batch(two.slm, ps, build_policy(two, "s2t"), max_tokens=MAX_TOKENS)
+            got = {i: (ids, st) for i, ids, st in batch}
+        assert [c.kwargs["reuse"] is not None for c in prefill.call_args_list] == [False, True, True]
+    finally:
+        two.close()
+    assert [got[i][0] for i in range(3)] == [r[0] for r in refs]
+    assert [got[i][1].flips for i in range(3)] == [r[1].flips for r in refs]
+    assert all(got[i][1].cached_tokens >= len(system) for i in (1, 2))
