@@ -303,15 +303,19 @@ def plain2(tiny_gguf: Path) -> Models:
     m.close()
 
 
-def job(m: Models, text: str, max_tokens: int = 8, on_event: Callable[[object], None] | None = None) -> Job:
+def job(
+    m: Models, text: str | list[dict], max_tokens: int = 8, on_event: Callable[[object], None] | None = None
+) -> Job:
+    """A chat job (a user message, or the whole chat) whose events are kept in `job.events`."""
     events: list = []
+    chat = [{"role": "user", "content": text}] if isinstance(text, str) else text
 
     def emit(ev: object) -> None:
         events.append(ev)
         if on_event is not None:
             on_event(ev)
 
-    j = Job(chat_tokens(m.slm, ChatTemplate(m.slm), [{"role": "user", "content": text}]), max_tokens, greedy(), emit)
+    j = Job(chat_tokens(m.slm, ChatTemplate(m.slm), chat), max_tokens, greedy(), emit)
     j.events = events  # type: ignore[attr-defined]
     return j
 
@@ -321,6 +325,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
     while not cond():
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def run_to_the_end(w: Worker, jobs: list[Job]) -> None:
+    """Start the worker, wait until every job is done, shut it down."""
+    w.start()
+    try:
+        wait_until(lambda: all(isinstance(j.events[-1:] and j.events[-1], Done) for j in jobs))
+    finally:
+        w.shutdown(0)
+        assert w.join(30)
 
 
 def test_worker_batches_together_and_refuses_a_full_queue(plain2: Models, reference: Reference) -> None:
@@ -334,12 +348,7 @@ def test_worker_batches_together_and_refuses_a_full_queue(plain2: Models, refere
     with pytest.raises(APIError) as full:
         w.submit(job(plain2, "one too many"))
     assert full.value.status == 503 and full.value.code == "queue_full"
-    w.start()
-    try:
-        wait_until(lambda: all(isinstance(j.events[-1:] and j.events[-1], Done) for j in jobs))
-    finally:
-        w.shutdown(0)
-        assert w.join(30)
+    run_to_the_end(w, jobs)
     dones = [j.events[-1] for j in jobs]
     assert [d.stats["batch"] for d in dones[:2]] == [2, 2]  # the first two shared every step
     assert dones[2].stats["queue_s"] > 0  # the third waited for a slot
@@ -355,21 +364,11 @@ def test_worker_copies_a_shared_system_prompt(plain2: Models, reference: Referen
     says so, and answers as it would alone."""
     system = {"role": "system", "content": "You are a careful assistant. Think step by step, then answer briefly."}
     chats = [[system, {"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a colour.")]
-    jobs = []
-    for chat in chats:
-        events: list = []
-        j = Job(chat_tokens(plain2.slm, ChatTemplate(plain2.slm), chat), 8, greedy(), events.append)
-        j.events = events  # type: ignore[attr-defined]
-        jobs.append(j)
+    jobs = [job(plain2, chat) for chat in chats]
     w = Worker(plain2.slm, greedy(), parallel=2, queue_size=2, ctx=256)
     w.submit(jobs[0])
     w.submit(jobs[1])
-    w.start()
-    try:
-        wait_until(lambda: all(isinstance(j.events[-1:] and j.events[-1], Done) for j in jobs))
-    finally:
-        w.shutdown(0)
-        assert w.join(30)
+    run_to_the_end(w, jobs)
     shared = reusable_prefix(jobs[0].prompt, jobs[1].prompt)
     assert shared >= MIN_SHARED
     assert [j.events[-1].stats["cached_tokens"] for j in jobs] == [0, shared]
