@@ -96,6 +96,7 @@ class BatchScheduler:
         self._free = list(range(engine.n_seq))[::-1]
         self._warm: dict[int, list[int]] = {}  # free seq id -> the tokens its cells still hold
         self._reuse = engine.partial_reuse and (self.teacher is None or self.teacher.partial_reuse)
+        self.keep = True  # a freed slot keeps its cells for a prompt that starts like them
         self._feed: dict[int, int] = {}  # seq id -> the token chosen at the last step, not yet decoded
         engine.reset()
 
@@ -137,13 +138,12 @@ class BatchScheduler:
         slot.stats.prompt_tokens = len(slot.prompt)
         slot.stats.finish_reason = "length"
         src = self.active.get(like) if like is not None and self.on_logits is None else None
-        seq, kept = self._take_free(slot.prompt)
+        copy = src is not None and _same_start(src, slot)
+        seq, kept = self._take_free(None if copy else slot.prompt)
         self.active[seq] = slot
         t0 = time.perf_counter()
         try:
-            if src is not None and _same_start(src, slot):
-                if kept:
-                    self._drop(seq)
+            if copy:
                 self._copy(like, src, seq, slot)
             else:
                 reuse = self._shared_start(seq, slot.prompt)
@@ -163,12 +163,13 @@ class BatchScheduler:
         slot.stats.prefill_s += dt
         return seq
 
-    def _take_free(self, prompt: list[int]) -> tuple[int, int]:
+    def _take_free(self, prompt: list[int] | None) -> tuple[int, int]:
         """A free slot for `prompt`, and how many of its leading tokens that slot still holds: the
         free slot whose last prompt and answer start like it for longest (a chat's next turn), if
-        at least MIN_SHARED; otherwise the next free slot, its old cells dropped."""
+        at least MIN_SHARED; otherwise an empty slot, or else the one freed longest ago, its old
+        cells dropped. `prompt=None`: the slot's cells are not wanted (a copy will fill it)."""
         best, n = None, 0
-        for s in self._free:
+        for s in self._free if prompt is not None else ():
             m = reusable_prefix(self._warm[s], prompt) if s in self._warm else 0
             if m > n:
                 best, n = s, m
@@ -176,10 +177,18 @@ class BatchScheduler:
             self._free.remove(best)
             del self._warm[best]
             return best, n
-        seq = self._free.pop()
+        empty = [s for s in self._free if s not in self._warm]
+        seq = empty[-1] if empty else self._free[0]  # _free is in release order, the next id last
+        self._free.remove(seq)
         if self._warm.pop(seq, None) is not None:
             self._drop(seq)
         return seq, 0
+
+    def forget(self) -> None:
+        """Drop the cells free slots still hold (nothing more will start like them)."""
+        for seq in list(self._warm):
+            del self._warm[seq]
+            self._drop(seq)
 
     def _shared_start(self, seq: int, prompt: list[int]) -> tuple[int, int] | None:
         """The active slot whose prompt starts like `prompt` for longest (a system prompt, an
@@ -272,7 +281,7 @@ class BatchScheduler:
         its prompt and answer. Every token but the last was decoded; the last may not have been."""
         slot = self.active.pop(seq)
         self._feed.pop(seq, None)
-        if keep and self._reuse:
+        if keep and self.keep and self._reuse:
             self._warm[seq] = slot.prompt + slot.out[:-1]
         else:
             self._drop(seq)
@@ -294,6 +303,7 @@ class BatchScheduler:
         self._feed.clear()
         self._free = list(range(self.engine.n_seq))[::-1]
         self._warm.clear()
+        self.keep = True
         self.engine.reset()
         if self.teacher is not None:
             self.teacher.reset()
@@ -330,6 +340,9 @@ def decode_batch(
             while queue and sched.free_slots:  # fill free slots; prompts are prefilled one at a time
                 i = queue.pop()
                 sched.add(prompts[i], key=i, max_tokens=budgets[i])
+                if not queue:  # the last prompt is in: give freed cells back to the running slots
+                    sched.forget()
+                    sched.keep = False
             for ev in sched.step():
                 if ev.done:
                     yield ev.key, ev.out, ev.stats

@@ -83,8 +83,7 @@ class Engine(Vocab):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
-        # a cache may keep a sequence's first n cells and drop the rest only with full attention:
-        # a sliding window purges old cells, a recurrent state cannot be cut
+        # keeping a sequence's first n cells needs full attention (no sliding window, no recurrent state)
         self.partial_reuse = not (
             llama_cpp.llama_model_n_swa(self._model)
             or llama_cpp.llama_model_is_recurrent(self._model)
@@ -217,7 +216,9 @@ class Engine(Vocab):
         Returns the last position's logits. Multi-turn chat and a teacher catching up with the
         accepted tokens both go through here, so only the new suffix is ever decoded.
         """
-        common = reusable_prefix(self.tokens, tokens) if self.partial_reuse else 0
+        common = reusable_prefix(self.tokens, tokens)
+        if not self.partial_reuse and common < len(self.tokens):
+            common = 0  # only a plain extension keeps the cache of a sliding window or recurrent state
         # Trim even when `self.tokens` is all common: a decode interrupted by Ctrl-C after
         # llama_decode but before `self.tokens` was updated leaves extra cells in the cache.
         llama_cpp.llama_memory_seq_rm(self._mem, 0, common, -1)

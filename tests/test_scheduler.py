@@ -226,3 +226,38 @@ def test_a_shared_start_is_copied_in_the_teachers_cache_too(tiny_gguf: Path, tin
     assert [got[i][0] for i in range(3)] == [r[0] for r in refs]
     assert [got[i][1].flips for i in range(3)] == [r[1].flips for r in refs]
     assert all(got[i][1].cached_tokens >= len(system) for i in (1, 2))
+
+
+def test_an_unrelated_prompt_takes_an_empty_slot_not_a_warm_one(tiny_gguf: Path) -> None:
+    """A finished chat's cells survive a prompt that does not start like them while an empty
+    slot is free; once the queue of decode_batch is empty, freed cells go back to the pool."""
+    with Engine(tiny_gguf, n_ctx=512, n_threads=1) as e:
+        system = e.tokenize("<|im_start|>system\nYou are a careful assistant. Think step by step.<|im_end|>\n")
+        q = prompts(e)
+        turn1 = system + q[0]
+    with Engine(tiny_gguf, n_ctx=2 * 256, n_threads=1, n_seq=2, unified=False) as e:
+        sched = BatchScheduler(e, greedy())
+        one = sched.add(turn1, key="turn1", max_tokens=6)
+        out: dict[Hashable, list[int]] = {}
+        drain(sched, out)
+        other = sched.add(q[1], key="other", max_tokens=6)  # shares nothing with turn1
+        assert other != one and sched.active[other].stats.cached_tokens == 0
+        nxt = sched.add(turn1 + out["turn1"] + q[2], key="turn2", max_tokens=6)
+        assert nxt == one and sched.active[nxt].stats.cached_tokens == len(turn1) + len(out["turn1"]) - 1
+        drain(sched, out)
+        with mock.patch.object(BatchScheduler, "forget", autospec=True) as forget:
+            list(decode_batch(e, [system + p for p in q[:3]], greedy(), max_tokens=4))
+        assert forget.call_count == 1  # when the third and last prompt went in
+
+
+def test_load_extends_without_cutting_when_the_cache_cannot_be_cut(tiny_gguf: Path) -> None:
+    """With a sliding window or a recurrent state a plain extension still decodes only what is new;
+    anything that would cut the cached tokens prefills from the start."""
+    with Engine(tiny_gguf, n_ctx=256, n_threads=1) as e:
+        e.partial_reuse = False
+        ids = prompts(e)[0]
+        with mock.patch.object(e, "prefill", wraps=e.prefill) as prefill:
+            e.load(ids[:5])
+            e.load(ids)  # extends
+            e.load(ids[:3] + ids[4:])  # differs at 3: would need a cut
+        assert [len(c.args[0]) for c in prefill.call_args_list] == [5, len(ids) - 5, len(ids) - 1]
