@@ -4,8 +4,9 @@ Each prompt gets a slot (a sequence of the engine); every step decodes one token
 slot in a single `llama_decode`, and a finished slot takes the next prompt. On a CPU this turns
 the memory-bound one-token matrix-vector products into small matrix products (several times the
 throughput). Trigger and selector run per slot exactly as in `decode()`. A prompt that starts
-like an active slot's (the system prompt every GSM8K problem or chat request shares) copies those
-cells from it and prefills only the rest.
+like a running slot's (the system prompt every GSM8K problem or chat request shares) copies those
+cells from it, and a freed slot keeps its cells for a prompt that starts like them (a chat's next
+turn): only the rest is prefilled.
 
 `BatchScheduler` is the step-wise core (`add` a prompt into a free slot, `step` all slots once,
 `cancel` a slot): `decode_batch()` drives it for offline work, `s2t-edge serve` for live requests.
@@ -14,7 +15,7 @@ cells from it and prefills only the rest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,17 @@ class _Slot:
 
 
 MIN_SHARED = 16  # tokens: below this a prompt is prefilled whole rather than copied from another slot
+
+
+def _longest_start(held: Iterable[tuple[int, list[int]]], prompt: list[int]) -> tuple[int | None, int]:
+    """Of (seq id, tokens its cells hold) pairs, the one whose tokens start like `prompt` for
+    longest, and how many tokens (below the whole prompt); (None, 0) if none shares a token."""
+    best, n = None, 0
+    for s, tokens in held:
+        m = reusable_prefix(tokens, prompt)
+        if m > n:
+            best, n = s, m
+    return best, n
 
 
 def _same_start(src: _Slot, slot: _Slot) -> bool:
@@ -96,7 +108,7 @@ class BatchScheduler:
         self._free = list(range(engine.n_seq))[::-1]
         self._warm: dict[int, list[int]] = {}  # free seq id -> the tokens its cells still hold
         self._reuse = engine.partial_reuse and (self.teacher is None or self.teacher.partial_reuse)
-        self.keep = True  # a freed slot keeps its cells for a prompt that starts like them
+        self._keep = True  # a freed slot keeps its cells for a prompt that starts like them
         self._feed: dict[int, int] = {}  # seq id -> the token chosen at the last step, not yet decoded
         engine.reset()
 
@@ -168,11 +180,8 @@ class BatchScheduler:
         free slot whose last prompt and answer start like it for longest (a chat's next turn), if
         at least MIN_SHARED; otherwise an empty slot, or else the one freed longest ago, its old
         cells dropped. `prompt=None`: the slot's cells are not wanted (a copy will fill it)."""
-        best, n = None, 0
-        for s in self._free if prompt is not None else ():
-            m = reusable_prefix(self._warm[s], prompt) if s in self._warm else 0
-            if m > n:
-                best, n = s, m
+        held = [(s, self._warm[s]) for s in self._free if s in self._warm] if prompt is not None else []
+        best, n = _longest_start(held, prompt)
         if best is not None and n >= MIN_SHARED:
             self._free.remove(best)
             del self._warm[best]
@@ -185,7 +194,9 @@ class BatchScheduler:
         return seq, 0
 
     def forget(self) -> None:
-        """Drop the cells free slots still hold (nothing more will start like them)."""
+        """Drop the cells free slots hold and keep none from now on (no prompt is coming that
+        would start like them): the running slots get the cells back."""
+        self._keep = False
         for seq in list(self._warm):
             del self._warm[seq]
             self._drop(seq)
@@ -194,12 +205,10 @@ class BatchScheduler:
         """The active slot whose prompt starts like `prompt` for longest (a system prompt, an
         earlier chat turn) and that length, kept below the whole prompt so its last token is
         decoded; None under MIN_SHARED tokens, where copying a sequence's cache is not worth it."""
-        best, n = None, 0
-        for s, other in self.active.items():
-            m = reusable_prefix(other.prompt, prompt) if s != seq else 0
-            if m > n:
-                best, n = s, m
-        return (best, n) if best is not None and n >= MIN_SHARED and self._reuse else None
+        if not self._reuse:
+            return None
+        best, n = _longest_start(((s, other.prompt) for s, other in self.active.items() if s != seq), prompt)
+        return (best, n) if best is not None and n >= MIN_SHARED else None
 
     def _copy(self, src_seq: int, src: _Slot, seq: int, slot: _Slot) -> None:
         """Start `slot` from `src`'s prefill: its cache (and the teacher's), first candidates
@@ -281,7 +290,7 @@ class BatchScheduler:
         its prompt and answer. Every token but the last was decoded; the last may not have been."""
         slot = self.active.pop(seq)
         self._feed.pop(seq, None)
-        if keep and self.keep and self._reuse:
+        if keep and self._keep and self._reuse:
             self._warm[seq] = slot.prompt + slot.out[:-1]
         else:
             self._drop(seq)
@@ -303,7 +312,7 @@ class BatchScheduler:
         self._feed.clear()
         self._free = list(range(self.engine.n_seq))[::-1]
         self._warm.clear()
-        self.keep = True
+        self._keep = True
         self.engine.reset()
         if self.teacher is not None:
             self.teacher.reset()
@@ -342,7 +351,6 @@ def decode_batch(
                 sched.add(prompts[i], key=i, max_tokens=budgets[i])
                 if not queue:  # the last prompt is in: give freed cells back to the running slots
                     sched.forget()
-                    sched.keep = False
             for ev in sched.step():
                 if ev.done:
                     yield ev.key, ev.out, ev.stats

@@ -24,7 +24,7 @@ class DecodeStats:
     model_s: float = 0.0  # includes the prompt's prefill (prefill_s)
     ours_s: float = 0.0
     prefill_s: float = 0.0
-    cached_tokens: int = 0  # prompt tokens whose cells were copied from another slot, not recomputed
+    cached_tokens: int = 0  # prompt tokens whose cells were already cached (another slot's or its own), not recomputed
     finish_reason: str = ""  # "stop" (end-of-turn token), "length" (max tokens or context full)
     stop_token: int | None = None  # the end-of-turn token that ended it (not yielded)
 
